@@ -1,0 +1,58 @@
+"""Per-epoch outputs of a run: TensorBoard event files and metrics.csv."""
+import csv
+import io
+from pathlib import Path
+
+from utils.util import atomic_write_text
+
+
+class TensorboardWriter:
+    """A thin SummaryWriter for a run's log directory. Every scalar uses the global optimizer step
+    as its x axis, so a resumed run can purge what came after its checkpoint (purge_step)."""
+
+    def __init__(self, log_dir, purge_step=None):
+        from torch.utils.tensorboard import SummaryWriter  # slow to import: only when enabled
+        self.writer = SummaryWriter(str(log_dir), purge_step=purge_step)
+
+    def add_scalars(self, prefix, values: dict, step: int):
+        for key, value in values.items():
+            self.writer.add_scalar(f"{prefix}/{key}", value, step)
+
+    def add_images(self, tag, images, step: int):
+        """A grid of the first 16 images of a NCHW batch, each scaled to [0, 1]."""
+        images = images[:16].detach().float().cpu()
+        low = images.amin(dim=(1, 2, 3), keepdim=True)
+        high = images.amax(dim=(1, 2, 3), keepdim=True)
+        self.writer.add_images(tag, (images - low) / (high - low).clamp_min(1e-8), step)
+
+    def close(self):
+        self.writer.close()
+
+
+class MetricsCSV:
+    """metrics.csv: one row per epoch. Each write replaces the file atomically, so it is never half
+    a row; a resumed run first drops the rows after its checkpoint's epoch."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+
+    def rows(self):
+        if not self.path.is_file():
+            return []
+        with open(self.path, newline="") as f:
+            return list(csv.DictReader(f))
+
+    def truncate(self, last_epoch: int):
+        rows = [r for r in self.rows() if int(r["epoch"]) <= last_epoch]
+        self._write(rows)
+
+    def append(self, row: dict):
+        self._write(self.rows() + [row])
+
+    def _write(self, rows):
+        fields = list(dict.fromkeys(k for r in rows for k in r))
+        out = io.StringIO()
+        writer = csv.DictWriter(out, fieldnames=fields, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+        atomic_write_text(out.getvalue(), self.path)

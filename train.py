@@ -1,0 +1,101 @@
+"""Train a model from a config: python train.py -c config.json [KEY.PATH=VALUE ...]"""
+import argparse
+import logging
+import os
+
+import torch
+
+from cli import run_main
+from logger import setup_logging
+from parse_config import ConfigParser, load_config_file
+from trainer import Trainer
+from utils import prepare_device, seed_everything
+from utils.checkpoint import find_checkpoint, load_checkpoint, load_model_state
+from utils.errors import ConfigError
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Train a model from a JSON or YAML config.")
+    p.add_argument("-c", "--config", help="config file (.json, .yaml or .yml)")
+    p.add_argument("-r", "--resume", help="checkpoint file, or a run directory (its newest checkpoint); "
+                                          "with -c: fine-tune a new run from the checkpoint's weights")
+    p.add_argument("-d", "--device", help="GPU ids to use, e.g. 0,1 (sets CUDA_VISIBLE_DEVICES)")
+    p.add_argument("--run-id", help="name of the run (default: a timestamp)")
+    p.add_argument("--lr", type=float, help="shortcut for optimizer.args.lr=LR")
+    p.add_argument("--bs", type=int, help="shortcut for data_loader.args.batch_size=BS")
+    p.add_argument("--dry-run", action="store_true",
+                   help="build everything, run 2 training and 2 validation batches, write nothing")
+    p.add_argument("overrides", nargs="*", metavar="KEY.PATH=VALUE",
+                   help="override a config value (JSON, else a string); +KEY.PATH=VALUE adds a key")
+    args = p.parse_args(argv)
+    if not args.config and not args.resume:
+        p.error("give a config with -c, or a checkpoint to resume with -r")
+    args.overrides += [f"optimizer.args.lr={args.lr}"] * (args.lr is not None)
+    args.overrides += [f"data_loader.args.batch_size={args.bs}"] * (args.bs is not None)
+    return args
+
+
+def build_config(args):
+    """The run's ConfigParser and the checkpoint to start from (None for a fresh run)."""
+    checkpoint = path = None
+    if args.resume:
+        path = find_checkpoint(args.resume)
+        checkpoint = load_checkpoint(path)
+    if args.config:  # a new run (fine-tuning from the checkpoint's weights if -r is given too)
+        config = ConfigParser(load_config_file(args.config), args.overrides, run_id=args.run_id)
+    else:  # continue the checkpoint's run, in its directories: <root>/models/<name>/<run_id>/<file>
+        if args.run_id and args.run_id != checkpoint["run_id"]:
+            raise ConfigError("--run-id: a resumed run keeps its id; use -c with -r to start a new run")
+        config = ConfigParser(checkpoint["config"], args.overrides, run_id=checkpoint["run_id"],
+                              resume=True, run_root=path.parent.parent.parent.parent)
+    return config, checkpoint, path
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.device:
+        os.environ["CUDA_VISIBLE_DEVICES"] = args.device  # before anything touches CUDA
+    config, checkpoint, checkpoint_path = build_config(args)
+    verbosity = config["trainer"]["verbosity"]
+    setup_logging(None, verbosity)  # console only until the run has a directory
+    logger = logging.getLogger("train")
+    seed_everything(config["seed"])
+
+    # Build everything before creating any directory, so a bad config leaves nothing behind.
+    data_loader = config.init_obj("data_loader", seed=config["seed"])
+    valid_data_loader = data_loader.split_validation()
+    model = config.init_obj("arch")
+    if checkpoint is not None and not config.resume:
+        load_model_state(model, checkpoint, checkpoint_path)  # fine-tuning: weights only
+        logger.info("Fine-tuning from the weights in %s", checkpoint_path)
+    logger.info(model)
+    device, device_ids = prepare_device(config["n_gpu"], logger)
+    model = model.to(device)
+    if len(device_ids) > 1:
+        model = torch.nn.DataParallel(model, device_ids=device_ids)
+    criterion = config.init_ftn("loss", config["loss"])
+    metrics = [config.init_ftn("metrics", name) for name in config["metrics"]]
+    trainable_params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = config.init_obj("optimizer", trainable_params)
+    lr_scheduler = config.init_obj("lr_scheduler", optimizer) if config["lr_scheduler"] else None
+    trainer = Trainer(model, criterion, metrics, optimizer, config, device,
+                      data_loader=data_loader, valid_data_loader=valid_data_loader, lr_scheduler=lr_scheduler)
+    if config.resume:
+        trainer.resume(checkpoint, checkpoint_path)
+
+    if args.dry_run:
+        trainer.dry_run(batches=2)
+        return
+
+    config.make_run_dirs()
+    setup_logging(config.log_dir, verbosity)
+    logger.info("Run %s: checkpoints in %s, logs in %s", config.run_id, config.save_dir, config.log_dir)
+    try:
+        trainer.train()
+    except Exception:
+        logger.exception("Training failed")
+        raise
+
+
+if __name__ == "__main__":
+    run_main(main)

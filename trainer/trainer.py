@@ -1,0 +1,134 @@
+"""Trainer: one epoch of training and validation. The loop around it is in base/base_trainer.py."""
+import itertools
+import time
+
+import torch
+from tqdm import tqdm
+
+from base import BaseTrainer
+from utils.errors import ConfigError
+
+
+class Trainer(BaseTrainer):
+    """Trains `model` on `data_loader`, validating on `valid_data_loader` (optional) each epoch.
+
+    Loss and metric sums stay on the device and are read on the host only every
+    trainer.log_step steps and at the end of an epoch.
+    """
+
+    def __init__(self, model, criterion, metric_ftns, optimizer, config, device,
+                 data_loader, valid_data_loader=None, lr_scheduler=None):
+        super().__init__(model, criterion, metric_ftns, optimizer, config, device, lr_scheduler)
+        self.data_loader = data_loader
+        self.valid_data_loader = valid_data_loader
+        self.len_epoch = config["trainer"]["len_epoch"] or len(data_loader)
+        self.log_step = config["trainer"]["log_step"]
+        self.scheduler_per_step = lr_scheduler is not None and config["lr_scheduler"]["interval"] == "step"
+        self.metric_names = ["loss", *(m.__name__ for m in metric_ftns)]
+        if (self.mnt_metric or "").startswith("val_") and valid_data_loader is None:
+            raise ConfigError(f"trainer.monitor: {self.mnt_metric} needs a validation split, "
+                              "but the data loader has none (data_loader.args.validation_split)")
+        self._sample_images = None
+
+    def _batch_stream(self, start):
+        """Training batches from global batch number `start` on, pass after pass over the data.
+
+        Pass p uses the loader's order for epoch p, so where a batch comes from depends only on
+        its number: an iteration-based epoch can end mid-pass and the next one picks up there.
+        """
+        passes, position = divmod(start, len(self.data_loader))
+        for p in itertools.count(passes):
+            self.data_loader.set_epoch(p, start_batch=position)
+            yield from self.data_loader
+            position = 0
+
+    def _train_epoch(self, epoch) -> dict:
+        start = time.perf_counter()
+        train, n_samples = self._train_phase(epoch)
+        train_seconds = time.perf_counter() - start
+        log = dict(train)
+        if self.valid_data_loader is not None:
+            log.update(("val_" + k, v) for k, v in self._valid_phase(epoch).items())
+        log["lr"] = self.optimizer.param_groups[0]["lr"]
+        if self.lr_scheduler is not None and not self.scheduler_per_step:
+            if isinstance(self.lr_scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+                self.lr_scheduler.step(log[self.mnt_metric])
+            else:
+                self.lr_scheduler.step()
+        log["epoch_seconds"] = time.perf_counter() - start
+        log["samples_per_second"] = n_samples / train_seconds
+        if self.writer is not None and self._sample_images is not None:
+            self.writer.add_images("train/input", self._sample_images, self.global_step)
+        return log
+
+    def _train_phase(self, epoch, max_batches=None):
+        """Train one epoch; the averages of loss and metrics, weighted by batch size, and the sample count."""
+        self.model.train()
+        n_batches = min(self.len_epoch, max_batches or self.len_epoch)
+        batches = itertools.islice(self._batch_stream((epoch - 1) * self.len_epoch), n_batches)
+        sums = torch.zeros(len(self.metric_names), device=self.device)
+        n_samples = 0
+        bar = tqdm(total=n_batches, desc=f"Epoch {epoch} train", leave=False, disable=None)
+        for batch_idx, (data, target) in enumerate(batches):
+            data = data.to(self.device, non_blocking=True)
+            target = target.to(self.device, non_blocking=True)
+
+            self.optimizer.zero_grad(set_to_none=True)
+            output = self.model(data)
+            loss = self.criterion(output, target)
+            loss.backward()
+            self.optimizer.step()
+            if self.scheduler_per_step:
+                self.lr_scheduler.step()
+            self.global_step += 1
+
+            sums += self._batch_values(loss, output, target) * len(target)
+            n_samples += len(target)
+            bar.update()
+            if batch_idx == 0:
+                self._sample_images = data
+            if batch_idx % self.log_step == 0:
+                self._log_progress(bar, epoch, batch_idx, n_batches, loss, sums / n_samples)
+        bar.close()
+        return self._averages(sums, n_samples), n_samples
+
+    def _valid_phase(self, epoch, max_batches=None):
+        """Evaluate on the validation split; averages weighted by batch size."""
+        self.model.eval()
+        sums = torch.zeros(len(self.metric_names), device=self.device)
+        n_samples = 0
+        batches = itertools.islice(self.valid_data_loader, max_batches)
+        with torch.no_grad():
+            for data, target in tqdm(batches, total=max_batches or len(self.valid_data_loader),
+                                     desc=f"Epoch {epoch} valid", leave=False, disable=None):
+                data = data.to(self.device, non_blocking=True)
+                target = target.to(self.device, non_blocking=True)
+                output = self.model(data)
+                loss = self.criterion(output, target)
+                sums += self._batch_values(loss, output, target) * len(target)
+                n_samples += len(target)
+        return self._averages(sums, n_samples)
+
+    def _batch_values(self, loss, output, target):
+        """This batch's loss and metrics as one float32 tensor on the device (no host sync)."""
+        values = [loss.detach()] + [m(output, target) for m in self.metric_ftns]
+        return torch.stack([torch.as_tensor(v, device=self.device).float() for v in values])
+
+    def _averages(self, sums, n_samples) -> dict:
+        return dict(zip(self.metric_names, (sums / max(n_samples, 1)).tolist()))  # one host sync
+
+    def _log_progress(self, bar, epoch, batch_idx, n_batches, loss, running):
+        # note: a host-device sync point; it runs only every log_step steps
+        step_loss, *averages = torch.cat([loss.detach().float().view(1), running]).tolist()
+        bar.set_postfix({name: f"{v:.4f}" for name, v in zip(self.metric_names[:2], averages)}, refresh=False)
+        self.logger.debug("Train epoch %d [%d/%d] loss: %.6f", epoch, batch_idx + 1, n_batches, step_loss)
+        if self.writer is not None:
+            self.writer.add_scalars("train_step", {"loss": step_loss}, self.global_step)
+
+    def dry_run(self, batches=2):
+        """Train `batches` batches and validate on `batches` batches; write nothing."""
+        train, _ = self._train_phase(1, max_batches=batches)
+        self.logger.info("dry run: %d training batches: %s", batches, train)
+        if self.valid_data_loader is not None:
+            valid = self._valid_phase(1, max_batches=batches)
+            self.logger.info("dry run: %d validation batches: %s", batches, valid)

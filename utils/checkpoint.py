@@ -1,0 +1,87 @@
+"""Checkpoint files: find, load safely, check against a model, serialize.
+
+A checkpoint is plain data (tensors, numbers, strings, lists, dicts), so it loads with
+torch.load(weights_only=True), which never runs code from the file.
+"""
+import io
+import pickle
+import re
+import zipfile
+from pathlib import Path
+
+import torch
+
+from utils.errors import CheckpointError
+
+CHECKPOINT_KEYS = {"arch", "epoch", "run_id", "model", "optimizer", "lr_scheduler", "trainer", "rng", "config"}
+_NAME = re.compile(r"checkpoint-epoch(\d+)(?:-step(\d+))?\.pth$")
+
+
+def checkpoint_name(epoch: int, step=None) -> str:
+    return f"checkpoint-epoch{epoch}.pth" if step is None else f"checkpoint-epoch{epoch}-step{step}.pth"
+
+
+def _position(path: Path):
+    m = _NAME.match(path.name)
+    # A finished epoch N comes after every step inside epoch N.
+    return (int(m.group(1)), 1 if m.group(2) is None else 0, int(m.group(2) or 0))
+
+
+def list_checkpoints(run_dir) -> list:
+    """The run's checkpoint files, oldest position first (model_best.pth excluded)."""
+    return sorted((p for p in Path(run_dir).glob("checkpoint-epoch*.pth") if _NAME.match(p.name)), key=_position)
+
+
+def find_checkpoint(path) -> Path:
+    """`path` itself if it is a file; for a run directory, its newest checkpoint."""
+    path = Path(path)
+    if path.is_dir():
+        found = list_checkpoints(path)
+        if not found:
+            raise CheckpointError(f"{path}: no checkpoint-epoch*.pth in this directory")
+        return found[-1]
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file or run directory")
+    return path
+
+
+def load_checkpoint(path) -> dict:
+    """Load a checkpoint onto the CPU, weights_only. Every way a file can be unfit is one CheckpointError."""
+    path = find_checkpoint(path)
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise CheckpointError(f"{path}: refused to load: it holds objects other than plain data, "
+                              f"which could run code ({first[:200]})") from None
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as e:
+        raise CheckpointError(f"{path}: not a readable checkpoint (truncated or corrupt?): "
+                              f"{str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__}") from None
+    if not isinstance(checkpoint, dict) or not CHECKPOINT_KEYS <= set(checkpoint):
+        missing = sorted(CHECKPOINT_KEYS - set(checkpoint)) if isinstance(checkpoint, dict) else sorted(CHECKPOINT_KEYS)
+        raise CheckpointError(f"{path}: not a checkpoint of this template (missing {', '.join(missing)})")
+    return checkpoint
+
+
+def load_model_state(model, checkpoint, path) -> None:
+    """Load the checkpoint's weights into `model` (a bare module), strictly, or explain the mismatch."""
+    state = checkpoint["model"]
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
+              for k in sorted(set(own) & set(state)) if state[k].shape != own[k].shape]
+    if missing or unexpected or shapes:
+        def some(keys):
+            return ", ".join(keys[:5]) + (f" (+{len(keys) - 5} more)" if len(keys) > 5 else "") if keys else "none"
+        raise CheckpointError(f"{path}: weights of arch {checkpoint['arch']!r} do not fit the model "
+                              f"{type(model).__name__}: missing keys: {some(missing)}; unexpected keys: "
+                              f"{some(unexpected)}; shape mismatches: {some(shapes)}")
+    model.load_state_dict(state)
+
+
+def serialize(checkpoint: dict) -> bytes:
+    """The checkpoint as bytes, so one serialization can be written to several files."""
+    buffer = io.BytesIO()
+    torch.save(checkpoint, buffer)
+    return buffer.getvalue()
