@@ -9,6 +9,32 @@ from base import BaseTrainer
 from utils.errors import ConfigError
 
 
+def batch_values(loss, output, target, metric_ftns, device):
+    """A batch's loss and metrics as one float32 tensor on the device (no host sync)."""
+    values = [loss.detach()] + [m(output, target) for m in metric_ftns]
+    return torch.stack([torch.as_tensor(v, device=device).float() for v in values])
+
+
+def averages(names, sums, n_samples) -> dict:
+    return dict(zip(names, (sums / max(n_samples, 1)).tolist()))  # one host sync
+
+
+def evaluate(model, batches, criterion, metric_ftns, device) -> dict:
+    """Loss and metrics of `model` over `batches`, averaged weighted by batch size, plus n_samples."""
+    model.eval()
+    names = ["loss", *(m.__name__ for m in metric_ftns)]
+    sums = torch.zeros(len(names), device=device)
+    n_samples = 0
+    with torch.no_grad():
+        for data, target in batches:
+            data = data.to(device, non_blocking=True)
+            target = target.to(device, non_blocking=True)
+            output = model(data)
+            sums += batch_values(criterion(output, target), output, target, metric_ftns, device) * len(target)
+            n_samples += len(target)
+    return averages(names, sums, n_samples)
+
+
 class Trainer(BaseTrainer):
     """Trains `model` on `data_loader`, validating on `valid_data_loader` (optional) each epoch.
 
@@ -94,28 +120,16 @@ class Trainer(BaseTrainer):
 
     def _valid_phase(self, epoch, max_batches=None):
         """Evaluate on the validation split; averages weighted by batch size."""
-        self.model.eval()
-        sums = torch.zeros(len(self.metric_names), device=self.device)
-        n_samples = 0
         batches = itertools.islice(self.valid_data_loader, max_batches)
-        with torch.no_grad():
-            for data, target in tqdm(batches, total=max_batches or len(self.valid_data_loader),
-                                     desc=f"Epoch {epoch} valid", leave=False, disable=None):
-                data = data.to(self.device, non_blocking=True)
-                target = target.to(self.device, non_blocking=True)
-                output = self.model(data)
-                loss = self.criterion(output, target)
-                sums += self._batch_values(loss, output, target) * len(target)
-                n_samples += len(target)
-        return self._averages(sums, n_samples)
+        bar = tqdm(batches, total=max_batches or len(self.valid_data_loader), desc=f"Epoch {epoch} valid",
+                   leave=False, disable=None)
+        return evaluate(self.model, bar, self.criterion, self.metric_ftns, self.device)
 
     def _batch_values(self, loss, output, target):
-        """This batch's loss and metrics as one float32 tensor on the device (no host sync)."""
-        values = [loss.detach()] + [m(output, target) for m in self.metric_ftns]
-        return torch.stack([torch.as_tensor(v, device=self.device).float() for v in values])
+        return batch_values(loss, output, target, self.metric_ftns, self.device)
 
     def _averages(self, sums, n_samples) -> dict:
-        return dict(zip(self.metric_names, (sums / max(n_samples, 1)).tolist()))  # one host sync
+        return averages(self.metric_names, sums, n_samples)
 
     def _log_progress(self, bar, epoch, batch_idx, n_batches, loss, running):
         # note: a host-device sync point; it runs only every log_step steps

@@ -97,7 +97,7 @@ def prepare_device(n_gpu_use: int, logger):
     """The device to train on and the list of GPU ids to use (empty on CPU)."""
     n_gpu = torch.cuda.device_count()
     if n_gpu_use > 0 and n_gpu == 0:
-        logger.warning("Warning: n_gpu=%d in the config, but no GPU is available; training on the CPU.", n_gpu_use)
+        logger.info("n_gpu=%d in the config, but no GPU is available: running on the CPU.", n_gpu_use)
         n_gpu_use = 0
     if n_gpu_use > n_gpu:
         logger.warning("Warning: n_gpu=%d in the config, but only %d GPUs are available; using %d.",
