@@ -212,7 +212,8 @@ def validate(config):
     for key, (_, types, _) in TRAINER_DEFAULTS.items():
         _check_type(config["trainer"][key], types, f"trainer.{key}")
     t = config["trainer"]
-    for key, low in (("epochs", 1), ("save_period", 1), ("log_step", 1), ("early_stop", 0), ("n_gpu", 0)):
+    for key, low in (("epochs", 1), ("save_period", 1), ("log_step", 1), ("early_stop", 0), ("n_gpu", 0),
+                     ("save_every_steps", 0), ("keep_last", 0)):
         value = config[key] if key == "n_gpu" else t[key]
         if value < low:
             raise ConfigError(f"{'' if key == 'n_gpu' else 'trainer.'}{key}: must be >= {low}, got {value}")

@@ -2,6 +2,7 @@
 import argparse
 import logging
 import os
+import sys
 
 import torch
 
@@ -10,8 +11,9 @@ from logger import setup_logging
 from parse_config import ConfigParser, load_config_file
 from trainer import Trainer
 from utils import prepare_device, seed_everything
-from utils.checkpoint import find_checkpoint, load_checkpoint, load_model_state
-from utils.errors import ConfigError
+from utils.checkpoint import find_checkpoint, latest_checkpoint, load_checkpoint, load_model_state
+from utils.errors import ConfigError, TrainingError
+from utils.preemption import Preempted
 
 
 def parse_args(argv=None):
@@ -23,6 +25,9 @@ def parse_args(argv=None):
     p.add_argument("--run-id", help="name of the run (default: a timestamp)")
     p.add_argument("--lr", type=float, help="shortcut for optimizer.args.lr=LR")
     p.add_argument("--bs", type=int, help="shortcut for data_loader.args.batch_size=BS")
+    p.add_argument("--auto-resume", action="store_true",
+                   help="with -c: resume the newest checkpoint of the newest run of this config's name, "
+                        "or start a new run if there is none")
     p.add_argument("--dry-run", action="store_true",
                    help="build everything, run 2 training and 2 validation batches, write nothing")
     p.add_argument("overrides", nargs="*", metavar="KEY.PATH=VALUE",
@@ -30,6 +35,8 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if not args.config and not args.resume:
         p.error("give a config with -c, or a checkpoint to resume with -r")
+    if args.auto_resume and (args.resume or not args.config):
+        p.error("--auto-resume goes with -c and without -r")
     args.overrides += [f"optimizer.args.lr={args.lr}"] * (args.lr is not None)
     args.overrides += [f"data_loader.args.batch_size={args.bs}"] * (args.bs is not None)
     return args
@@ -38,10 +45,15 @@ def parse_args(argv=None):
 def build_config(args):
     """The run's ConfigParser and the checkpoint to start from (None for a fresh run)."""
     checkpoint = path = None
-    if args.resume:
+    if args.auto_resume:
+        config = ConfigParser(load_config_file(args.config), args.overrides, run_id=args.run_id)
+        path, checkpoint = latest_checkpoint(config.save_root / "models" / config["name"])
+        if checkpoint is None:
+            return config, None, None
+    elif args.resume:
         path = find_checkpoint(args.resume)
         checkpoint = load_checkpoint(path)
-    if args.config:  # a new run (fine-tuning from the checkpoint's weights if -r is given too)
+    if args.config and not args.auto_resume:  # a new run (fine-tuning from the checkpoint's weights if -r is given too)
         config = ConfigParser(load_config_file(args.config), args.overrides, run_id=args.run_id)
     else:  # continue the checkpoint's run, in its directories: <root>/models/<name>/<run_id>/<file>
         if args.run_id and args.run_id != checkpoint["run_id"]:
@@ -92,8 +104,13 @@ def main(argv=None):
     logger.info("Run %s: checkpoints in %s, logs in %s", config.run_id, config.save_dir, config.log_dir)
     try:
         trainer.train()
+    except Preempted as e:
+        sys.exit(128 + e.signum)
+    except TrainingError as e:
+        logger.error("Training failed: %s", e)
+        raise
     except Exception:
-        logger.exception("Training failed")
+        logger.exception("Training failed")  # a bug: keep the traceback in info.log
         raise
 
 

@@ -4,10 +4,14 @@ Subclasses implement _train_epoch(epoch) -> dict of that epoch's numbers (see tr
 """
 import logging
 import math
+import signal
+
+from pathlib import Path
 
 from logger.visualization import MetricsCSV, TensorboardWriter
-from utils.checkpoint import checkpoint_name, load_model_state, serialize
-from utils.errors import ConfigError
+from utils.checkpoint import checkpoint_name, list_checkpoints, load_model_state, serialize
+from utils.errors import ConfigError, TrainingError
+from utils.preemption import Preempted, StopRequest
 from utils.util import atomic_write_bytes, get_rng_state, set_rng_state, unwrap_model
 
 NoneType = type(None)
@@ -22,6 +26,10 @@ TRAINER_DEFAULTS = {
     "tensorboard": (True, bool, "write TensorBoard event files into the run's log directory"),
     "log_step": (10, int, "every this many steps: log the loss, refresh the progress bar (a host sync)"),
     "len_epoch": (None, (int, NoneType), "optimizer steps per epoch (iteration-based); null = one pass over the data"),
+    "save_every_steps": (0, int, "also write checkpoint-epoch<E>-step<S>.pth every this many optimizer steps "
+                                 "(an exact mid-epoch resume point); 0 = off"),
+    "keep_last": (0, int, "keep only the newest this many checkpoint-epoch*.pth files (model_best.pth is "
+                          "kept apart); 0 = keep all"),
 }
 
 
@@ -58,6 +66,9 @@ class BaseTrainer:
         self.epochs = cfg["epochs"]
         self.save_period = cfg["save_period"]
         self.early_stop = cfg["early_stop"]
+        self.save_every_steps = cfg["save_every_steps"]
+        self.keep_last = cfg["keep_last"]
+        self.stop_request = StopRequest()
         self.mnt_mode, self.mnt_metric = parse_monitor(cfg["monitor"], [m.__name__ for m in metric_ftns])
         # Training state: everything here goes into state_dict() and so into every checkpoint.
         self.epoch = 0  # last finished epoch
@@ -81,28 +92,47 @@ class BaseTrainer:
         self.not_improved_count = state["not_improved_count"]
 
     def train(self):
-        """Train to the configured number of epochs, writing logs, metrics.csv and checkpoints."""
+        """Train to the configured number of epochs, writing logs, metrics.csv and checkpoints.
+
+        Raises Preempted after saving the exact position when SIGTERM / SIGINT arrives, and
+        TrainingError (saving nothing) when the loss stops being finite.
+        """
         self._open_outputs()
         try:
-            if self._stopped_early():
-                self.logger.info("This run already stopped early at epoch %d; nothing to do.", self.epoch)
-            for epoch in range(self.epoch + 1, self.epochs + 1):
-                if self._stopped_early():
-                    break
-                log = {"epoch": epoch, **self._train_epoch(epoch)}
-                self.epoch = epoch
-                improved = self._update_monitor(log)
-                for key, value in log.items():
-                    self.logger.info("    %-20s: %s", key, value)
-                self._write_epoch_outputs(log)
-                stop = self._stopped_early()
-                self._save_checkpoint(epoch, periodic=epoch % self.save_period == 0 or epoch == self.epochs or stop,
-                                      best=improved)
-                if stop:
-                    self.logger.info("%s did not improve for %d epochs: training stops.",
-                                     self.mnt_metric, self.not_improved_count)
+            with self.stop_request:
+                self._train_epochs()
         finally:
             self._close_outputs()
+
+    def _train_epochs(self):
+        if self._stopped_early():
+            self.logger.info("This run already stopped early at epoch %d; nothing to do.", self.epoch)
+        for epoch in range(self.epoch + 1, self.epochs + 1):
+            if self._stopped_early():
+                break
+            log = {"epoch": epoch, **self._train_epoch(epoch)}
+            if not math.isfinite(log["loss"]):
+                raise TrainingError(f"non-finite training loss ({log['loss']}) in epoch {epoch}; no checkpoint "
+                                    "of these weights was written")
+            self.epoch = epoch
+            improved = self._update_monitor(log)
+            for key, value in log.items():
+                self.logger.info("    %-20s: %s", key, value)
+            self._write_epoch_outputs(log)
+            stop = self._stopped_early()
+            preempted = self.stop_request.signum is not None
+            periodic = epoch % self.save_period == 0 or epoch == self.epochs or stop or preempted
+            path = self._save_checkpoint(epoch, periodic=periodic, best=improved)
+            if stop:
+                self.logger.info("%s did not improve for %d epochs: training stops.",
+                                 self.mnt_metric, self.not_improved_count)
+            if preempted:
+                self._preempted(path)
+
+    def _preempted(self, path):
+        self.logger.warning("Stopped by %s after step %d; saved %s. Resume with: python train.py -r %s",
+                            signal.Signals(self.stop_request.signum).name, self.global_step, path.name, path)
+        raise Preempted(self.stop_request.signum, path)
 
     def _stopped_early(self) -> bool:
         return self.early_stop > 0 and self.not_improved_count >= self.early_stop
@@ -124,6 +154,8 @@ class BaseTrainer:
         self.csv = MetricsCSV(log_dir / "metrics.csv")
         if self.config.resume:  # forget what was logged after the checkpoint we resume from
             self.csv.truncate(self.epoch)
+            for stale in Path(self.config.save_dir).glob(".*.tmp"):  # a save cut short by a crash
+                stale.unlink()
         if self.config["trainer"]["tensorboard"]:
             self.writer = TensorboardWriter(log_dir, purge_step=self.global_step + 1 if self.config.resume else None)
 
@@ -139,7 +171,7 @@ class BaseTrainer:
             self.writer.add_scalars("train", train, self.global_step)
             self.writer.add_scalars("valid", valid, self.global_step)
 
-    def _checkpoint(self, epoch) -> dict:
+    def _checkpoint(self, epoch, trainer_state=None) -> dict:
         model = unwrap_model(self.model)
         return {
             "arch": type(model).__name__,
@@ -148,23 +180,30 @@ class BaseTrainer:
             "model": model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "lr_scheduler": self.lr_scheduler.state_dict() if self.lr_scheduler is not None else None,
-            "trainer": self.state_dict(),
+            "trainer": trainer_state or self.state_dict(),
             "rng": get_rng_state(),
             "config": self.config.config,
         }
 
-    def _save_checkpoint(self, epoch, periodic: bool, best: bool):
-        """Write checkpoint-epoch<N>.pth and/or model_best.pth from a single serialization."""
+    def _save_checkpoint(self, epoch, periodic: bool, best: bool, step=None, trainer_state=None):
+        """Write checkpoint-epoch<N>[-step<S>].pth and/or model_best.pth from one serialization;
+        return the path written (or None). Each file is replaced atomically, and older
+        checkpoints beyond keep_last are deleted only after the new one is on disk."""
         if not (periodic or best):
-            return
-        data = serialize(self._checkpoint(epoch))
+            return None
+        data = serialize(self._checkpoint(epoch, trainer_state))
+        path = None
         if periodic:
-            path = self.config.save_dir / checkpoint_name(epoch)
+            path = self.config.save_dir / checkpoint_name(epoch, step)
             atomic_write_bytes(data, path)
             self.logger.info("Saving checkpoint: %s ...", path)
+            if self.keep_last:
+                for old in list_checkpoints(self.config.save_dir)[:-self.keep_last]:
+                    old.unlink()
         if best:
             atomic_write_bytes(data, self.config.save_dir / "model_best.pth")
             self.logger.info("Saving current best: model_best.pth ...")
+        return path or self.config.save_dir / "model_best.pth"
 
     def resume(self, checkpoint: dict, path) -> None:
         """Restore model, optimizer, scheduler, counters and RNG states from a loaded checkpoint."""

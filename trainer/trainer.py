@@ -1,12 +1,13 @@
 """Trainer: one epoch of training and validation. The loop around it is in base/base_trainer.py."""
 import itertools
+import math
 import time
 
 import torch
 from tqdm import tqdm
 
 from base import BaseTrainer
-from utils.errors import ConfigError
+from utils.errors import ConfigError, TrainingError
 
 
 def batch_values(loss, output, target, metric_ftns, device):
@@ -55,6 +56,16 @@ class Trainer(BaseTrainer):
             raise ConfigError(f"trainer.monitor: {self.mnt_metric} needs a validation split, "
                               "but the data loader has none (data_loader.args.validation_split)")
         self._sample_images = None
+        self._progress = None  # (batches_done, sums, n_samples) of an epoch resumed mid-way
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "batches_done": 0, "partial": None}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        if state["batches_done"]:
+            partial = state["partial"]
+            self._progress = (state["batches_done"], partial["sums"].to(self.device), partial["n_samples"])
 
     def _batch_stream(self, start):
         """Training batches from global batch number `start` on, pass after pass over the data.
@@ -70,6 +81,7 @@ class Trainer(BaseTrainer):
 
     def _train_epoch(self, epoch) -> dict:
         start = time.perf_counter()
+        self._sample_images = None
         train, n_samples = self._train_phase(epoch)
         train_seconds = time.perf_counter() - start
         log = dict(train)
@@ -91,11 +103,11 @@ class Trainer(BaseTrainer):
         """Train one epoch; the averages of loss and metrics, weighted by batch size, and the sample count."""
         self.model.train()
         n_batches = min(self.len_epoch, max_batches or self.len_epoch)
-        batches = itertools.islice(self._batch_stream((epoch - 1) * self.len_epoch), n_batches)
-        sums = torch.zeros(len(self.metric_names), device=self.device)
-        n_samples = 0
-        bar = tqdm(total=n_batches, desc=f"Epoch {epoch} train", leave=False, disable=None)
-        for batch_idx, (data, target) in enumerate(batches):
+        done, sums, n_samples = self._progress or (0, torch.zeros(len(self.metric_names), device=self.device), 0)
+        self._progress = None
+        batches = itertools.islice(self._batch_stream((epoch - 1) * self.len_epoch + done), n_batches - done)
+        bar = tqdm(total=n_batches, initial=done, desc=f"Epoch {epoch} train", leave=False, disable=None)
+        for batch_idx, (data, target) in enumerate(batches, start=done):
             data = data.to(self.device, non_blocking=True)
             target = target.to(self.device, non_blocking=True)
 
@@ -111,12 +123,29 @@ class Trainer(BaseTrainer):
             sums += self._batch_values(loss, output, target) * len(target)
             n_samples += len(target)
             bar.update()
-            if batch_idx == 0:
+            if self._sample_images is None:
                 self._sample_images = data
-            if batch_idx % self.log_step == 0:
-                self._log_progress(bar, epoch, batch_idx, n_batches, loss, sums / n_samples)
+            self._after_step(epoch, batch_idx, n_batches, loss, sums, n_samples, bar)
         bar.close()
         return self._averages(sums, n_samples), n_samples
+
+    def _after_step(self, epoch, batch_idx, n_batches, loss, sums, n_samples, bar):
+        """Progress logging every log_step steps; a mid-epoch checkpoint when one is due or a
+        signal asked to stop (then raise Preempted)."""
+        if batch_idx % self.log_step == 0:
+            self._log_progress(bar, epoch, batch_idx, n_batches, loss, sums / n_samples)
+        stop = self.stop_request.signum is not None
+        due = self.save_every_steps and self.global_step % self.save_every_steps == 0 and batch_idx + 1 < n_batches
+        if not (stop or due):
+            return
+        if not math.isfinite(sums[0].item()):  # never checkpoint weights a non-finite loss has touched
+            raise TrainingError(f"non-finite training loss in epoch {epoch} by step {self.global_step}; "
+                                "no checkpoint of these weights was written")
+        state = self.state_dict()
+        state.update(batches_done=batch_idx + 1, partial={"sums": sums.cpu(), "n_samples": n_samples})
+        path = self._save_checkpoint(epoch, periodic=True, best=False, step=self.global_step, trainer_state=state)
+        if stop:
+            self._preempted(path)
 
     def _valid_phase(self, epoch, max_batches=None):
         """Evaluate on the validation split; averages weighted by batch size."""

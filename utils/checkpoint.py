@@ -45,6 +45,22 @@ def find_checkpoint(path) -> Path:
     return path
 
 
+def latest_checkpoint(runs_dir):
+    """(path, checkpoint) of the newest loadable checkpoint of the run most recently saved to under
+    `runs_dir` (<save_dir>/models/<name>), or (None, None) when there is none."""
+    runs = [(list_checkpoints(d), d) for d in Path(runs_dir).glob("*/") if d.is_dir()]
+    runs = [found for found, _ in runs if found]
+    if not runs:
+        return None, None
+    newest_run = max(runs, key=lambda found: max(p.stat().st_mtime_ns for p in found))
+    for path in reversed(newest_run):
+        try:
+            return path, load_checkpoint(path)
+        except CheckpointError:
+            continue  # unreadable: fall back to the one before
+    return None, None
+
+
 def load_checkpoint(path) -> dict:
     """Load a checkpoint onto the CPU, weights_only. Every way a file can be unfit is one CheckpointError."""
     path = find_checkpoint(path)

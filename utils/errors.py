@@ -15,3 +15,7 @@ class CheckpointError(UserError):
 
 class DataError(UserError):
     pass
+
+
+class TrainingError(Exception):
+    """Training cannot go on (e.g. the loss is no longer finite); printed as one line, exit status 1."""
