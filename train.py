@@ -107,8 +107,8 @@ def main(argv=None):
     except Preempted as e:
         sys.exit(128 + e.signum)
     except TrainingError as e:
-        logger.error("Training failed: %s", e)
-        raise
+        logger.error("error: %s", e)  # one line, on the console and in info.log
+        sys.exit(1)
     except Exception:
         logger.exception("Training failed")  # a bug: keep the traceback in info.log
         raise

@@ -163,6 +163,10 @@ class Trainer(BaseTrainer):
     def _log_progress(self, bar, epoch, batch_idx, n_batches, loss, running):
         # note: a host-device sync point; it runs only every log_step steps
         step_loss, *averages = torch.cat([loss.detach().float().view(1), running]).tolist()
+        if not math.isfinite(averages[0]):  # the running mean covers every step of the epoch so far
+            raise TrainingError(f"non-finite training loss in epoch {epoch}, at or before step {self.global_step} "
+                                f"(checked every trainer.log_step={self.log_step} steps); no checkpoint of "
+                                "these weights was written")
         bar.set_postfix({name: f"{v:.4f}" for name, v in zip(self.metric_names[:2], averages)}, refresh=False)
         self.logger.debug("Train epoch %d [%d/%d] loss: %.6f", epoch, batch_idx + 1, n_batches, step_loss)
         if self.writer is not None:

@@ -64,12 +64,15 @@ def latest_checkpoint(runs_dir):
 def load_checkpoint(path) -> dict:
     """Load a checkpoint onto the CPU, weights_only. Every way a file can be unfit is one CheckpointError."""
     path = find_checkpoint(path)
+    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; anything else is not ours
+        raise CheckpointError(f"{path}: not a checkpoint (not a torch.save archive; truncated or corrupt?)")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise CheckpointError(f"{path}: refused to load: it holds objects other than plain data, "
-                              f"which could run code ({first[:200]})") from None
+        # torch names the refused object on a line of its own, e.g. "unsupported GLOBAL posix.system ..."
+        what = next((line for line in str(e).splitlines() if "GLOBAL" in line), "").strip()
+        raise CheckpointError(f"{path}: refused to load: it holds objects other than plain data, which could "
+                              f"run code; nothing was executed ({what[:200]})") from None
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as e:
         raise CheckpointError(f"{path}: not a readable checkpoint (truncated or corrupt?): "
                               f"{str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__}") from None

@@ -1,0 +1,289 @@
+"""How much slower is training through the template's Trainer than a hand-written PyTorch loop?
+
+    python benchmarks/trainer_overhead.py [--workload digits|mnist|all] [--runs 5] [--epochs N]
+
+Runs the same model, data and epochs through (a) a plain loop and (b) trainer.Trainer built from a
+config via parse_config.ConfigParser, alternating a/b, b/a, ... in one process (after one short
+untimed warm-up pair), and prints training samples per second for each side and the median of the
+per-pair ratios Trainer/raw (adjacent runs, so slow drift from other CPU users cancels).
+
+Workloads:
+  digits  config.json as shipped (DigitsModel, DigitsDataLoader, batch 32, Adam, StepLR,
+          metrics accuracy + top_k_acc, validation every epoch); 20 epochs per run unless --epochs.
+  mnist   configs/mnist.json (MnistModel, batch 128, Adam/amsgrad, StepLR, same metrics), but with
+          the data replaced by 60,000 seeded random 1x28x28 samples (10 classes) held in memory,
+          split 54,000 train / 6,000 validation as MnistDataLoader does, each split a TensorDataset
+          in a base.BaseDataLoader given to the Trainer directly; 1 epoch per run unless --epochs.
+
+What counts as "like with like":
+  * Same work the user asked for, on both sides: the same model (built after the same
+    torch.manual_seed, so the same initial weights and dropout masks), optimizer and LR scheduler
+    from the same config, the same loader objects (so the same batches in the same order, by the
+    same tensor-indexing iteration), the same number of optimizer steps, and each epoch the same
+    validation pass (eval mode, no_grad, loss plus the configured metrics over the whole validation
+    split, read on the host once). Same torch.set_num_threads. The script checks the outcome:
+    both sides must end with bit-identical weights (printed as "weights identical").
+  * Trainer overhead is everything else the Trainer does by default: loss/metric sums on every
+    training batch, tqdm bars, per-log_step debug lines and TensorBoard scalars, the per-epoch
+    image grid, metrics.csv, info.log and the checkpoints its config asks for. The raw loop does
+    none of that (a hand-written loop does not have to).
+  * Timed: the training call only (raw_fit() / Trainer.train()). Untimed on both sides: building
+    the data, model and optimizer; for the Trainer also ConfigParser, make_run_dirs() and
+    setup_logging(). The Trainer writes into a temporary save_dir that is deleted afterwards.
+  * The Trainer's console (log lines on stdout, tqdm bars on stderr) goes to /dev/null through a
+    stream that reports itself as a terminal, so the bars are on (tqdm turns them off when stderr is
+    not a TTY) and all their formatting and writing is timed, but not a terminal's rendering; pass
+    --show-output to send it to the real console instead.
+
+--profile additionally runs the Trainer once per workload under cProfile and prints the top functions.
+"""
+import argparse
+import contextlib
+import cProfile
+import gc
+import io
+import itertools
+import json
+import logging
+import os
+import pstats
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+from torch.utils.data import TensorDataset  # noqa: E402
+
+from base import BaseDataLoader  # noqa: E402
+from logger import setup_logging  # noqa: E402
+from parse_config import ConfigParser, load_config_file  # noqa: E402
+from trainer import Trainer  # noqa: E402
+from utils import prepare_device  # noqa: E402
+
+# name: (config file, default epochs per run)
+WORKLOADS = {"digits": ("config.json", 20), "mnist": ("configs/mnist.json", 1)}
+MNIST_SAMPLES, MNIST_VALID = 60_000, 6_000
+WARMUP_STEPS = 20
+
+
+class _TTYSink(io.TextIOWrapper):
+    """/dev/null that says it is a terminal, so tqdm draws its bars into it."""
+
+    def isatty(self):
+        return True
+
+
+@contextlib.contextmanager
+def console_to_devnull(enabled=True):
+    if not enabled:
+        yield
+        return
+    sink = _TTYSink(open(os.devnull, "wb"), line_buffering=True)
+    saved = sys.stdout, sys.stderr
+    sys.stdout = sys.stderr = sink
+    try:
+        yield
+    finally:
+        sys.stdout, sys.stderr = saved
+        sink.close()
+
+
+def close_logging():
+    root = logging.getLogger()
+    for handler in root.handlers[:]:
+        handler.close()
+        root.removeHandler(handler)
+
+
+def load_workload(name, seed_data=0):
+    """The workload's raw config (a dict) and its (train, valid) loaders, built once and shared by both sides."""
+    raw = load_config_file(REPO / WORKLOADS[name][0])
+    raw["data_loader"]["args"]["data_dir"] = str(REPO / "data")
+    if name == "digits":
+        config = ConfigParser(raw)
+        train = config.init_obj("data_loader", seed=config["seed"])
+        return raw, train, train.split_validation()
+    g = torch.Generator().manual_seed(seed_data)
+    images = torch.randn(MNIST_SAMPLES, 1, 28, 28, generator=g)
+    labels = torch.randint(0, 10, (MNIST_SAMPLES,), generator=g)
+    n_train = MNIST_SAMPLES - MNIST_VALID
+    batch, seed = raw["data_loader"]["args"]["batch_size"], raw.get("seed", 0)
+    train = BaseDataLoader(TensorDataset(images[:n_train], labels[:n_train]), batch, shuffle=True, seed=seed)
+    valid = BaseDataLoader(TensorDataset(images[n_train:], labels[n_train:]), batch, shuffle=False, seed=seed)
+    return raw, train, valid
+
+
+def make_config(raw, save_dir, epochs, run_id, len_epoch=None):
+    overrides = [f"trainer.save_dir={save_dir}", f"trainer.epochs={epochs}",
+                 f"trainer.len_epoch={json.dumps(len_epoch)}"]
+    return ConfigParser(raw, overrides, run_id=run_id)
+
+
+def build(config, device):
+    """Model, loss, metrics, optimizer and scheduler as train.py builds them, after torch.manual_seed."""
+    torch.manual_seed(config["seed"])
+    model = config.init_obj("arch").to(device)
+    criterion = config.init_ftn("loss", config["loss"])
+    metrics = [config.init_ftn("metrics", name) for name in config["metrics"]]
+    optimizer = config.init_obj("optimizer", [p for p in model.parameters() if p.requires_grad])
+    scheduler = config.init_obj("lr_scheduler", optimizer) if config["lr_scheduler"] else None
+    return model, criterion, metrics, optimizer, scheduler
+
+
+def raw_fit(config, device, train_loader, valid_loader):
+    """The loop a user writes by hand. Returns (model, optimizer steps taken, seconds)."""
+    model, criterion, metrics, optimizer, scheduler = build(config, device)
+    per_step = scheduler is not None and config["lr_scheduler"]["interval"] == "step"
+    steps_per_epoch = config["trainer"]["len_epoch"]  # None: a full pass (timed runs); set for the warm-up
+    steps = 0
+    start = time.perf_counter()
+    for epoch in range(config["trainer"]["epochs"]):
+        model.train()
+        train_loader.set_epoch(epoch)
+        for data, target in itertools.islice(train_loader, steps_per_epoch):
+            data, target = data.to(device), target.to(device)
+            optimizer.zero_grad()
+            loss = criterion(model(data), target)
+            loss.backward()
+            optimizer.step()
+            if per_step:
+                scheduler.step()
+            steps += 1
+        if valid_loader is not None:
+            model.eval()
+            sums, n = torch.zeros(1 + len(metrics), device=device), 0
+            with torch.no_grad():
+                for data, target in valid_loader:
+                    data, target = data.to(device), target.to(device)
+                    output = model(data)
+                    sums += torch.stack([criterion(output, target), *(m(output, target) for m in metrics)]) * len(target)
+                    n += len(target)
+            val_loss = (sums / n).tolist()[0]
+        if scheduler is not None and not per_step:
+            if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+                scheduler.step(val_loss)
+            else:
+                scheduler.step()
+    return model, steps, time.perf_counter() - start
+
+
+def trainer_fit(config, device, train_loader, valid_loader, show_output=False, profiler=None):
+    """The template's Trainer with the config's settings. Returns (model, optimizer steps taken, seconds)."""
+    model, criterion, metrics, optimizer, scheduler = build(config, device)
+    config.make_run_dirs()
+    try:
+        with console_to_devnull(not show_output):
+            setup_logging(config.log_dir, config["trainer"]["verbosity"])
+            trainer = Trainer(model, criterion, metrics, optimizer, config, device, data_loader=train_loader,
+                              valid_data_loader=valid_loader, lr_scheduler=scheduler)
+            start = time.perf_counter()
+            if profiler is not None:
+                profiler.runcall(trainer.train)
+            else:
+                trainer.train()
+            seconds = time.perf_counter() - start
+    finally:
+        close_logging()
+    return model, trainer.global_step, seconds
+
+
+def same_weights(a, b) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def bench(name, args, device, tmp):
+    raw, train_loader, valid_loader = load_workload(name)
+    epochs = args.epochs or WORKLOADS[name][1]
+    batch = train_loader.batch_size
+    print(f"\n## {name}: {len(train_loader.dataset)} training samples, batch {batch}, {epochs} epoch(s) per run, "
+          f"{len(valid_loader.dataset) if valid_loader else 0} validation samples", flush=True)
+
+    def run(side, i, len_epoch=None, n_epochs=epochs, profiler=None):
+        config = make_config(raw, tmp / name, n_epochs, f"run{i}_{side}", len_epoch)
+        gc.collect()
+        if side == "raw":
+            return raw_fit(config, device, train_loader, valid_loader)
+        return trainer_fit(config, device, train_loader, valid_loader, args.show_output, profiler)
+
+    for side in ("raw", "trainer"):  # untimed warm-up: imports, allocator and oneDNN caches
+        run(side, "warmup", len_epoch=WARMUP_STEPS, n_epochs=1)
+
+    raw_rates, trainer_rates, ratios = [], [], []
+    for i in range(args.runs):
+        sides = ("raw", "trainer") if i % 2 == 0 else ("trainer", "raw")
+        result = {side: run(side, i) for side in sides}
+        (raw_model, raw_steps, raw_s), (tr_model, tr_steps, tr_s) = result["raw"], result["trainer"]
+        if raw_steps != tr_steps:
+            raise RuntimeError(f"{name}: raw loop took {raw_steps} steps, the Trainer {tr_steps}")
+        n_samples = epochs * len(train_loader.dataset)  # full passes (no drop_last)
+        raw_rates.append(n_samples / raw_s)
+        trainer_rates.append(n_samples / tr_s)
+        ratios.append(trainer_rates[-1] / raw_rates[-1])
+        print(f"run {i + 1} ({sides[0]} first): raw {raw_s:7.2f} s {raw_rates[-1]:9.0f}/s | trainer {tr_s:7.2f} s "
+              f"{trainer_rates[-1]:9.0f}/s | ratio {ratios[-1]:.3f} | weights identical: "
+              f"{'yes' if same_weights(raw_model, tr_model) else 'NO'}", flush=True)
+        shutil.rmtree(tmp / name, ignore_errors=True)
+
+    if args.profile:
+        profiler = cProfile.Profile()
+        run("trainer", "profile", profiler=profiler)
+        print(f"\ncProfile of one Trainer run ({name}), top 25 by cumulative time:")
+        pstats.Stats(profiler, stream=sys.stdout).sort_stats("cumulative").print_stats(25)
+        shutil.rmtree(tmp / name, ignore_errors=True)
+    return (statistics.median(raw_rates), statistics.median(trainer_rates), statistics.median(ratios),
+            min(ratios), max(ratios))
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown"
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Time the template's Trainer against a hand-written loop.")
+    p.add_argument("--workload", choices=[*WORKLOADS, "all"], default="all")
+    p.add_argument("--runs", type=int, default=5, help="timed runs per side, alternating (default 5)")
+    p.add_argument("--epochs", type=int, help="epochs per run (default: digits 20, mnist 1)")
+    p.add_argument("--threads", type=int, default=torch.get_num_threads(),
+                   help="torch.set_num_threads for both sides (default: torch's default here)")
+    p.add_argument("--show-output", action="store_true", help="let the Trainer's logs and bars reach the console")
+    p.add_argument("--profile", action="store_true", help="also cProfile one Trainer run per workload")
+    args = p.parse_args(argv)
+    if args.runs < 1 or (args.epochs is not None and args.epochs < 1):
+        p.error("--runs and --epochs must be >= 1")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    device, _ = prepare_device(1, logging.getLogger("benchmark"))  # the configs' n_gpu: 1 (CPU when none)
+    names = list(WORKLOADS) if args.workload == "all" else [args.workload]
+    tmp = Path(tempfile.mkdtemp(prefix="trainer_overhead_"))
+    try:
+        results = {name: bench(name, args, device, tmp) for name in names}
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    print(f"\ntorch {torch.__version__} | CPU: {cpu_model()} | device: {device} | threads: {torch.get_num_threads()} "
+          f"| median of {args.runs} alternating runs")
+    print("\n| workload | raw samples/s | trainer samples/s | ratio trainer/raw (min-max) |")
+    print("|---|---:|---:|---:|")
+    for name, (raw_rate, tr_rate, ratio, low, high) in results.items():
+        print(f"| {name} | {raw_rate:,.0f} | {tr_rate:,.0f} | {ratio:.3f} ({low:.3f}-{high:.3f}) |")
+
+
+if __name__ == "__main__":
+    main()
