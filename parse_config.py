@@ -213,12 +213,19 @@ def validate(config):
         _check_type(config["trainer"][key], types, f"trainer.{key}")
     t = config["trainer"]
     for key, low in (("epochs", 1), ("save_period", 1), ("log_step", 1), ("early_stop", 0), ("n_gpu", 0),
-                     ("save_every_steps", 0), ("keep_last", 0)):
+                     ("save_every_steps", 0), ("keep_last", 0), ("accumulate_steps", 1)):
         value = config[key] if key == "n_gpu" else t[key]
         if value < low:
             raise ConfigError(f"{'' if key == 'n_gpu' else 'trainer.'}{key}: must be >= {low}, got {value}")
     if t["len_epoch"] is not None and t["len_epoch"] < 1:
         raise ConfigError(f"trainer.len_epoch: must be >= 1 or null, got {t['len_epoch']}")
+    if t["amp"] not in (None, "bf16", "fp16"):
+        raise ConfigError(f"trainer.amp: must be \"bf16\", \"fp16\" or null, got {t['amp']!r}")
+    if t["clip_grad_norm"] is not None and t["clip_grad_norm"] <= 0:
+        raise ConfigError(f"trainer.clip_grad_norm: must be > 0 or null, got {t['clip_grad_norm']}")
+    if isinstance(t["compile"], str) and t["compile"] not in torch.compiler.list_backends(exclude_tags=()):
+        raise ConfigError(f"trainer.compile: unknown backend {t['compile']!r}; available: "
+                          f"{', '.join(torch.compiler.list_backends(exclude_tags=()))}")
     if t["verbosity"] not in (0, 1, 2):
         raise ConfigError(f"trainer.verbosity: must be 0, 1 or 2, got {t['verbosity']}")
     _check_obj_section(config, "arch")

@@ -85,6 +85,9 @@ def main(argv=None):
     model = model.to(device)
     if len(device_ids) > 1:
         model = torch.nn.DataParallel(model, device_ids=device_ids)
+    compile_backend = config["trainer"]["compile"]
+    if compile_backend:  # checkpoints still hold the bare module's keys (utils.unwrap_model)
+        model = torch.compile(model, **({} if compile_backend is True else {"backend": compile_backend}))
     criterion = config.init_ftn("loss", config["loss"])
     metrics = [config.init_ftn("metrics", name) for name in config["metrics"]]
     trainable_params = [p for p in model.parameters() if p.requires_grad]

@@ -28,6 +28,11 @@ TRAINER_DEFAULTS = {
     "len_epoch": (None, (int, NoneType), "optimizer steps per epoch (iteration-based); null = one pass over the data"),
     "save_every_steps": (0, int, "also write checkpoint-epoch<E>-step<S>.pth every this many optimizer steps "
                                  "(an exact mid-epoch resume point); 0 = off"),
+    "amp": (None, (str, NoneType), "mixed precision: \"bf16\" (CPU or CUDA), \"fp16\" (CUDA, with a gradient "
+                                   "scaler) or null = full precision"),
+    "accumulate_steps": (1, int, "batches whose gradients are summed into one optimizer step"),
+    "clip_grad_norm": (None, (float, NoneType), "clip the gradients' total norm to this value; null = no clipping"),
+    "compile": (False, (bool, str), "wrap the model with torch.compile (true, or the name of a torch.compile backend)"),
     "keep_last": (0, int, "keep only the newest this many checkpoint-epoch*.pth files (model_best.pth is "
                           "kept apart); 0 = keep all"),
 }
@@ -75,6 +80,7 @@ class BaseTrainer:
         self.global_step = 0  # optimizer steps taken
         self.mnt_best = math.inf if self.mnt_mode == "min" else -math.inf
         self.not_improved_count = 0
+        self.scaler = None  # a torch.amp.GradScaler, set by subclasses that use one
         self.writer = None
         self.csv = None
 
@@ -181,6 +187,7 @@ class BaseTrainer:
             "optimizer": self.optimizer.state_dict(),
             "lr_scheduler": self.lr_scheduler.state_dict() if self.lr_scheduler is not None else None,
             "trainer": trainer_state or self.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "rng": get_rng_state(),
             "config": self.config.config,
         }
@@ -213,6 +220,8 @@ class BaseTrainer:
             raise ConfigError(f"{path}: lr_scheduler differs from the one the checkpoint was trained with")
         if self.lr_scheduler is not None:
             self.lr_scheduler.load_state_dict(checkpoint["lr_scheduler"])
+        if self.scaler is not None and checkpoint["scaler"]:
+            self.scaler.load_state_dict(checkpoint["scaler"])
         self.load_state_dict(checkpoint["trainer"])
         set_rng_state(checkpoint["rng"])
         self.logger.info("Resumed from %s: epoch %d, step %d.", path, self.epoch, self.global_step)

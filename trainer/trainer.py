@@ -1,4 +1,5 @@
 """Trainer: one epoch of training and validation. The loop around it is in base/base_trainer.py."""
+import contextlib
 import itertools
 import math
 import time
@@ -48,8 +49,19 @@ class Trainer(BaseTrainer):
         super().__init__(model, criterion, metric_ftns, optimizer, config, device, lr_scheduler)
         self.data_loader = data_loader
         self.valid_data_loader = valid_data_loader
-        self.len_epoch = config["trainer"]["len_epoch"] or len(data_loader)
-        self.log_step = config["trainer"]["log_step"]
+        cfg = config["trainer"]
+        self.accumulate_steps = cfg["accumulate_steps"]
+        # len_epoch counts optimizer steps, each of accumulate_steps batches; without it an epoch
+        # is one pass over the data, its last step taking whatever batches remain.
+        self.batches_per_epoch = cfg["len_epoch"] * self.accumulate_steps if cfg["len_epoch"] else len(data_loader)
+        self.log_step = cfg["log_step"]
+        self.clip_grad_norm = cfg["clip_grad_norm"]
+        if cfg["amp"] == "fp16" and device.type != "cuda":
+            raise ConfigError("trainer.amp: fp16 needs a CUDA device; use \"bf16\" on the CPU")
+        amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg["amp"])
+        self.autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
+        # Loss scaling only for fp16; disabled, the scaler passes calls straight through.
+        self.scaler = torch.amp.GradScaler(device.type, enabled=cfg["amp"] == "fp16")
         self.scheduler_per_step = lr_scheduler is not None and config["lr_scheduler"]["interval"] == "step"
         self.metric_names = ["loss", *(m.__name__ for m in metric_ftns)]
         if (self.mnt_metric or "").startswith("val_") and valid_data_loader is None:
@@ -102,47 +114,55 @@ class Trainer(BaseTrainer):
     def _train_phase(self, epoch, max_batches=None):
         """Train one epoch; the averages of loss and metrics, weighted by batch size, and the sample count."""
         self.model.train()
-        n_batches = min(self.len_epoch, max_batches or self.len_epoch)
+        n_batches = min(self.batches_per_epoch, max_batches or self.batches_per_epoch)
         done, sums, n_samples = self._progress or (0, torch.zeros(len(self.metric_names), device=self.device), 0)
         self._progress = None
-        batches = itertools.islice(self._batch_stream((epoch - 1) * self.len_epoch + done), n_batches - done)
+        batches = itertools.islice(self._batch_stream((epoch - 1) * self.batches_per_epoch + done), n_batches - done)
         bar = tqdm(total=n_batches, initial=done, desc=f"Epoch {epoch} train", leave=False, disable=None)
         for batch_idx, (data, target) in enumerate(batches, start=done):
             data = data.to(self.device, non_blocking=True)
             target = target.to(self.device, non_blocking=True)
 
-            self.optimizer.zero_grad(set_to_none=True)
-            output = self.model(data)
-            loss = self.criterion(output, target)
-            loss.backward()
-            self.optimizer.step()
+            if batch_idx % self.accumulate_steps == 0:  # a new optimizer step begins
+                self.optimizer.zero_grad(set_to_none=True)
+            with self.autocast():
+                output = self.model(data)
+                loss = self.criterion(output, target)
+            self.scaler.scale(loss / self.accumulate_steps).backward()
+            sums += self._batch_values(loss, output, target) * len(target)
+            n_samples += len(target)
+            bar.update()
+            if (batch_idx + 1) % self.accumulate_steps and batch_idx + 1 < n_batches:
+                continue  # more micro-batches to accumulate before stepping
+            if self.clip_grad_norm:
+                self.scaler.unscale_(self.optimizer)
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip_grad_norm)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
             if self.scheduler_per_step:
                 self.lr_scheduler.step()
             self.global_step += 1
 
-            sums += self._batch_values(loss, output, target) * len(target)
-            n_samples += len(target)
-            bar.update()
             if self._sample_images is None:
                 self._sample_images = data
-            self._after_step(epoch, batch_idx, n_batches, loss, sums, n_samples, bar)
+            self._after_step(epoch, batch_idx + 1, n_batches, loss, sums, n_samples, bar)
         bar.close()
         return self._averages(sums, n_samples), n_samples
 
-    def _after_step(self, epoch, batch_idx, n_batches, loss, sums, n_samples, bar):
-        """Progress logging every log_step steps; a mid-epoch checkpoint when one is due or a
-        signal asked to stop (then raise Preempted)."""
-        if batch_idx % self.log_step == 0:
-            self._log_progress(bar, epoch, batch_idx, n_batches, loss, sums / n_samples)
+    def _after_step(self, epoch, batches_done, n_batches, loss, sums, n_samples, bar):
+        """After an optimizer step: progress logging every log_step steps; a mid-epoch checkpoint
+        when one is due or a signal asked to stop (then raise Preempted)."""
+        if (self.global_step - 1) % self.log_step == 0:
+            self._log_progress(bar, epoch, batches_done, n_batches, loss, sums / n_samples)
         stop = self.stop_request.signum is not None
-        due = self.save_every_steps and self.global_step % self.save_every_steps == 0 and batch_idx + 1 < n_batches
+        due = self.save_every_steps and self.global_step % self.save_every_steps == 0 and batches_done < n_batches
         if not (stop or due):
             return
         if not math.isfinite(sums[0].item()):  # never checkpoint weights a non-finite loss has touched
             raise TrainingError(f"non-finite training loss in epoch {epoch} by step {self.global_step}; "
                                 "no checkpoint of these weights was written")
         state = self.state_dict()
-        state.update(batches_done=batch_idx + 1, partial={"sums": sums.cpu(), "n_samples": n_samples})
+        state.update(batches_done=batches_done, partial={"sums": sums.cpu(), "n_samples": n_samples})
         path = self._save_checkpoint(epoch, periodic=True, best=False, step=self.global_step, trainer_state=state)
         if stop:
             self._preempted(path)
@@ -160,7 +180,7 @@ class Trainer(BaseTrainer):
     def _averages(self, sums, n_samples) -> dict:
         return averages(self.metric_names, sums, n_samples)
 
-    def _log_progress(self, bar, epoch, batch_idx, n_batches, loss, running):
+    def _log_progress(self, bar, epoch, batches_done, n_batches, loss, running):
         # note: a host-device sync point; it runs only every log_step steps
         step_loss, *averages = torch.cat([loss.detach().float().view(1), running]).tolist()
         if not math.isfinite(averages[0]):  # the running mean covers every step of the epoch so far
@@ -168,7 +188,7 @@ class Trainer(BaseTrainer):
                                 f"(checked every trainer.log_step={self.log_step} steps); no checkpoint of "
                                 "these weights was written")
         bar.set_postfix({name: f"{v:.4f}" for name, v in zip(self.metric_names[:2], averages)}, refresh=False)
-        self.logger.debug("Train epoch %d [%d/%d] loss: %.6f", epoch, batch_idx + 1, n_batches, step_loss)
+        self.logger.debug("Train epoch %d [%d/%d] loss: %.6f", epoch, batches_done, n_batches, step_loss)
         if self.writer is not None:
             self.writer.add_scalars("train_step", {"loss": step_loss}, self.global_step)
 

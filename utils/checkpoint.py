@@ -13,7 +13,7 @@ import torch
 
 from utils.errors import CheckpointError
 
-CHECKPOINT_KEYS = {"arch", "epoch", "run_id", "model", "optimizer", "lr_scheduler", "trainer", "rng", "config"}
+CHECKPOINT_KEYS = {"arch", "epoch", "run_id", "model", "optimizer", "lr_scheduler", "trainer", "scaler", "rng", "config"}
 _NAME = re.compile(r"checkpoint-epoch(\d+)(?:-step(\d+))?\.pth$")
 
 
