@@ -7,12 +7,10 @@ import json
 import logging
 import os
 
-from tqdm import tqdm
-
 from cli import run_main
 from logger import setup_logging
 from parse_config import ConfigParser
-from trainer.trainer import evaluate
+from trainer.trainer import evaluate, progress_bar
 from utils import prepare_device, write_json
 from utils.checkpoint import find_checkpoint, load_checkpoint, load_model_state
 
@@ -35,12 +33,12 @@ def main(argv=None):
     data_loader = config.init_obj("data_loader", seed=config["seed"], training=False)
     model = config.init_obj("arch")
     load_model_state(model, checkpoint, path)
-    device, _ = prepare_device(config["n_gpu"], logger)
+    device = prepare_device(config["n_gpu"], logger)
     model = model.to(device)
     criterion = config.init_ftn("loss", config["loss"])
     metric_fns = [config.init_ftn("metrics", name) for name in config["metrics"]]
 
-    bar = tqdm(data_loader, desc="test", leave=False, disable=None)
+    bar = progress_bar(data_loader, desc="test")
     results = evaluate(model, bar, criterion, metric_fns, device)
     results["n_samples"] = data_loader.n_samples
     out = path.parent / "test_metrics.json"

@@ -5,7 +5,9 @@ import os
 import sys
 
 import torch
+from torch.nn.parallel import DistributedDataParallel
 
+import utils.dist as dist
 from cli import run_main
 from logger import setup_logging
 from parse_config import ConfigParser, load_config_file
@@ -63,15 +65,33 @@ def build_config(args):
     return config, checkpoint, path
 
 
+def setup_device(n_gpu, logger) -> torch.device:
+    """Join torchrun's process group if launched by it; else pick one device for this process."""
+    if dist.launched_by_torchrun():
+        return dist.init_distributed(use_cuda=n_gpu > 0 and torch.cuda.is_available())
+    if n_gpu > 1 and torch.cuda.device_count() > 1:
+        raise ConfigError(f"n_gpu: {n_gpu} GPUs take one process each; launch with: torchrun --standalone "
+                          f"--nproc_per_node={min(n_gpu, torch.cuda.device_count())} train.py {' '.join(sys.argv[1:])}")
+    return prepare_device(n_gpu, logger)
+
+
 def main(argv=None):
     args = parse_args(argv)
     if args.device:
         os.environ["CUDA_VISIBLE_DEVICES"] = args.device  # before anything touches CUDA
     config, checkpoint, checkpoint_path = build_config(args)
-    verbosity = config["trainer"]["verbosity"]
-    setup_logging(None, verbosity)  # console only until the run has a directory
     logger = logging.getLogger("train")
-    seed_everything(config["seed"])
+    device = setup_device(config["n_gpu"], logger)
+    try:
+        run(args, config, checkpoint, checkpoint_path, device, logger)
+    finally:
+        dist.cleanup()
+
+
+def run(args, config, checkpoint, checkpoint_path, device, logger):
+    verbosity = config["trainer"]["verbosity"] if dist.is_main_process() else 0  # other ranks: warnings only
+    setup_logging(None, verbosity)  # console only until the run has a directory
+    seed_everything(config["seed"] + dist.rank())  # rank-distinct dropout; data order is seeded separately
 
     # Build everything before creating any directory, so a bad config leaves nothing behind.
     data_loader = config.init_obj("data_loader", seed=config["seed"])
@@ -81,10 +101,9 @@ def main(argv=None):
         load_model_state(model, checkpoint, checkpoint_path)  # fine-tuning: weights only
         logger.info("Fine-tuning from the weights in %s", checkpoint_path)
     logger.info(model)
-    device, device_ids = prepare_device(config["n_gpu"], logger)
     model = model.to(device)
-    if len(device_ids) > 1:
-        model = torch.nn.DataParallel(model, device_ids=device_ids)
+    if dist.is_distributed():  # gradients are averaged across processes in backward()
+        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     compile_backend = config["trainer"]["compile"]
     if compile_backend:  # checkpoints still hold the bare module's keys (utils.unwrap_model)
         model = torch.compile(model, **({} if compile_backend is True else {"backend": compile_backend}))
@@ -102,8 +121,10 @@ def main(argv=None):
         trainer.dry_run(batches=2)
         return
 
-    config.make_run_dirs()
-    setup_logging(config.log_dir, verbosity)
+    if dist.is_main_process():
+        config.make_run_dirs()
+        setup_logging(config.log_dir, verbosity)
+    config.run_id = dist.broadcast_object(config.run_id)  # rank 0 may have added a suffix
     logger.info("Run %s: checkpoints in %s, logs in %s", config.run_id, config.save_dir, config.log_dir)
     try:
         trainer.train()

@@ -8,18 +8,23 @@ import math
 import torch
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
+import utils.dist as dist
+
 
 class EpochBatchSampler:
     """Index batches for one epoch: a seeded permutation (or 0..n-1), cut into batches.
 
     With world_size > 1 each rank takes every world_size-th index of the shared order, as
     torch's DistributedSampler does, so the ranks' batches together form the batches a single
-    process with world_size times the batch size would see.
+    process with world_size times the batch size would see. With even_shards the order is first
+    padded by repeating its start, so every rank has the same number of batches (training needs
+    that: each step is a collective); evaluation leaves it off and counts every sample once.
     """
 
-    def __init__(self, n, batch_size, shuffle, seed=0, drop_last=False, rank=0, world_size=1):
+    def __init__(self, n, batch_size, shuffle, seed=0, drop_last=False, rank=0, world_size=1, even_shards=True):
         self.n, self.batch_size, self.shuffle, self.seed = n, batch_size, shuffle, seed
         self.drop_last, self.rank, self.world_size = drop_last, rank, world_size
+        self.padded_n = -(-n // world_size) * world_size if even_shards else n
         self.epoch = 0
         self.start_batch = 0  # batches of this epoch already done (set when resuming mid-epoch)
 
@@ -29,10 +34,12 @@ class EpochBatchSampler:
             order = torch.randperm(self.n, generator=g)
         else:
             order = torch.arange(self.n)
+        if self.padded_n > self.n:
+            order = torch.cat([order, order[:self.padded_n - self.n]])
         return order[self.rank::self.world_size]
 
     def __len__(self):
-        n_local = len(range(self.rank, self.n, self.world_size))
+        n_local = len(range(self.rank, self.padded_n, self.world_size))
         return n_local // self.batch_size if self.drop_last else math.ceil(n_local / self.batch_size)
 
     def __iter__(self):
@@ -48,15 +55,17 @@ class BaseDataLoader:
 
     A TensorDataset is batched by tensor indexing (no per-sample collation); any other dataset
     goes through torch's DataLoader with `num_workers` worker processes.
-    Call set_epoch(epoch) before each pass to get that epoch's order.
+    Call set_epoch(epoch) before each pass to get that epoch's order. Under torchrun each process
+    iterates its own shard (see EpochBatchSampler); `even_shards=False` is for evaluation loaders.
     """
 
     def __init__(self, dataset: Dataset, batch_size: int, shuffle: bool, num_workers: int = 0,
-                 seed: int = 0, drop_last: bool = False, pin_memory=None):
+                 seed: int = 0, drop_last: bool = False, pin_memory=None, even_shards: bool = True):
         self.dataset = dataset
         self.batch_size = batch_size
         self.num_workers = num_workers
-        self.sampler = EpochBatchSampler(len(dataset), batch_size, shuffle, seed, drop_last)
+        self.sampler = EpochBatchSampler(len(dataset), batch_size, shuffle, seed, drop_last,
+                                         rank=dist.rank(), world_size=dist.world_size(), even_shards=even_shards)
         # Pinned host memory only pays off when batches are copied to a GPU.
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         self._loader = None
@@ -69,6 +78,7 @@ class BaseDataLoader:
 
     @property
     def n_samples(self) -> int:
+        """Samples in the whole dataset (all processes together)."""
         return len(self.dataset)
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:

@@ -8,9 +8,11 @@ import signal
 
 from pathlib import Path
 
+import utils.dist as dist
+
 from logger.visualization import MetricsCSV, TensorboardWriter
 from utils.checkpoint import checkpoint_name, list_checkpoints, load_model_state, serialize
-from utils.errors import ConfigError, TrainingError
+from utils.errors import CheckpointError, ConfigError, TrainingError
 from utils.preemption import Preempted, StopRequest
 from utils.util import atomic_write_bytes, get_rng_state, set_rng_state, unwrap_model
 
@@ -126,7 +128,7 @@ class BaseTrainer:
                 self.logger.info("    %-20s: %s", key, value)
             self._write_epoch_outputs(log)
             stop = self._stopped_early()
-            preempted = self.stop_request.signum is not None
+            preempted = dist.any_process(self.stop_request.signum is not None, self.device)
             periodic = epoch % self.save_period == 0 or epoch == self.epochs or stop or preempted
             path = self._save_checkpoint(epoch, periodic=periodic, best=improved)
             if stop:
@@ -136,9 +138,10 @@ class BaseTrainer:
                 self._preempted(path)
 
     def _preempted(self, path):
+        signum = self.stop_request.signum or signal.SIGTERM  # under torchrun another rank may have got it
         self.logger.warning("Stopped by %s after step %d; saved %s. Resume with: python train.py -r %s",
-                            signal.Signals(self.stop_request.signum).name, self.global_step, path.name, path)
-        raise Preempted(self.stop_request.signum, path)
+                            signal.Signals(signum).name, self.global_step, path.name, path)
+        raise Preempted(signum, path)
 
     def _stopped_early(self) -> bool:
         return self.early_stop > 0 and self.not_improved_count >= self.early_stop
@@ -156,6 +159,8 @@ class BaseTrainer:
         return improved
 
     def _open_outputs(self):
+        if not dist.is_main_process():  # only rank 0 writes
+            return
         log_dir = self.config.log_dir
         self.csv = MetricsCSV(log_dir / "metrics.csv")
         if self.config.resume:  # forget what was logged after the checkpoint we resume from
@@ -170,6 +175,8 @@ class BaseTrainer:
             self.writer.close()
 
     def _write_epoch_outputs(self, log):
+        if self.csv is None:
+            return
         self.csv.append(log)
         if self.writer is not None:
             train = {k: v for k, v in log.items() if not k.startswith("val_") and k != "epoch"}
@@ -188,7 +195,7 @@ class BaseTrainer:
             "lr_scheduler": self.lr_scheduler.state_dict() if self.lr_scheduler is not None else None,
             "trainer": trainer_state or self.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
-            "rng": get_rng_state(),
+            "rng": dist.gather_objects(get_rng_state()),  # one per process
             "config": self.config.config,
         }
 
@@ -198,10 +205,12 @@ class BaseTrainer:
         checkpoints beyond keep_last are deleted only after the new one is on disk."""
         if not (periodic or best):
             return None
-        data = serialize(self._checkpoint(epoch, trainer_state))
-        path = None
+        checkpoint = self._checkpoint(epoch, trainer_state)  # under torchrun, every process takes part
+        path = self.config.save_dir / (checkpoint_name(epoch, step) if periodic else "model_best.pth")
+        if not dist.is_main_process():
+            return path
+        data = serialize(checkpoint)
         if periodic:
-            path = self.config.save_dir / checkpoint_name(epoch, step)
             atomic_write_bytes(data, path)
             self.logger.info("Saving checkpoint: %s ...", path)
             if self.keep_last:
@@ -210,7 +219,7 @@ class BaseTrainer:
         if best:
             atomic_write_bytes(data, self.config.save_dir / "model_best.pth")
             self.logger.info("Saving current best: model_best.pth ...")
-        return path or self.config.save_dir / "model_best.pth"
+        return path
 
     def resume(self, checkpoint: dict, path) -> None:
         """Restore model, optimizer, scheduler, counters and RNG states from a loaded checkpoint."""
@@ -223,5 +232,10 @@ class BaseTrainer:
         if self.scaler is not None and checkpoint["scaler"]:
             self.scaler.load_state_dict(checkpoint["scaler"])
         self.load_state_dict(checkpoint["trainer"])
-        set_rng_state(checkpoint["rng"])
+        if len(checkpoint["rng"]) == dist.world_size():
+            set_rng_state(checkpoint["rng"][dist.rank()])
+        else:
+            self.logger.warning("%s was saved by %d processes, this run has %d: RNG states not restored, "
+                                "so the run continues correctly but not bitwise as it would have.",
+                                path, len(checkpoint["rng"]), dist.world_size())
         self.logger.info("Resumed from %s: epoch %d, step %d.", path, self.epoch, self.global_step)

@@ -34,13 +34,13 @@ class _SplitDataLoader(BaseDataLoader):
         self.valid_set = valid_set
         self.split_args = dict(batch_size=batch_size, num_workers=num_workers, seed=seed)
         dataset = train_set if training else test_set
-        super().__init__(dataset, batch_size, shuffle and training, num_workers, seed)
+        super().__init__(dataset, batch_size, shuffle and training, num_workers, seed, even_shards=training)
 
     def split_validation(self):
         """A loader over the validation split, in a fixed order; None when the split is empty."""
         if self.valid_set is None or len(self.valid_set) == 0:
             return None
-        return BaseDataLoader(self.valid_set, shuffle=False, **self.split_args)
+        return BaseDataLoader(self.valid_set, shuffle=False, even_shards=False, **self.split_args)
 
 
 def _subset(tensors, idx):

@@ -39,7 +39,7 @@ def _in_repo_root():
 
 def run_script(script, *args, cwd=ROOT, timeout=300):
     """`python <script> args...` in a real subprocess; returns the CompletedProcess (text)."""
-    return subprocess.run([sys.executable, script, *map(str, args)], cwd=cwd, capture_output=True,
+    return subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], cwd=cwd, capture_output=True,
                           text=True, timeout=timeout)
 
 

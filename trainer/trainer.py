@@ -8,7 +8,13 @@ import torch
 from tqdm import tqdm
 
 from base import BaseTrainer
-from utils.errors import ConfigError, TrainingError
+import utils.dist as dist
+from utils.errors import CheckpointError, ConfigError, TrainingError
+
+
+def progress_bar(iterable=None, **kwargs):
+    """A tqdm bar on rank 0 when the output is a terminal; otherwise none (the log has it all)."""
+    return tqdm(iterable, leave=False, disable=None if dist.is_main_process() else True, **kwargs)
 
 
 def batch_values(loss, output, target, metric_ftns, device):
@@ -18,7 +24,9 @@ def batch_values(loss, output, target, metric_ftns, device):
 
 
 def averages(names, sums, n_samples) -> dict:
-    return dict(zip(names, (sums / max(n_samples, 1)).tolist()))  # one host sync
+    """Sums over samples -> means; under torchrun, over the samples of all processes."""
+    totals = dist.all_reduce_sum(torch.cat([sums, sums.new_tensor([n_samples])]))
+    return dict(zip(names, (totals[:-1] / totals[-1].clamp_min(1)).tolist()))  # one host sync
 
 
 def evaluate(model, batches, criterion, metric_ftns, device) -> dict:
@@ -76,7 +84,10 @@ class Trainer(BaseTrainer):
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
         if state["batches_done"]:
-            partial = state["partial"]
+            if len(state["partial"]) != dist.world_size():
+                raise CheckpointError(f"this mid-epoch checkpoint was saved by {len(state['partial'])} processes; "
+                                      f"resume it with as many, or resume an end-of-epoch checkpoint")
+            partial = state["partial"][dist.rank()]  # this process's share of the epoch so far
             self._progress = (state["batches_done"], partial["sums"].to(self.device), partial["n_samples"])
 
     def _batch_stream(self, start):
@@ -106,7 +117,7 @@ class Trainer(BaseTrainer):
             else:
                 self.lr_scheduler.step()
         log["epoch_seconds"] = time.perf_counter() - start
-        log["samples_per_second"] = n_samples / train_seconds
+        log["samples_per_second"] = n_samples * dist.world_size() / train_seconds  # all processes
         if self.writer is not None and self._sample_images is not None:
             self.writer.add_images("train/input", self._sample_images, self.global_step)
         return log
@@ -118,7 +129,7 @@ class Trainer(BaseTrainer):
         done, sums, n_samples = self._progress or (0, torch.zeros(len(self.metric_names), device=self.device), 0)
         self._progress = None
         batches = itertools.islice(self._batch_stream((epoch - 1) * self.batches_per_epoch + done), n_batches - done)
-        bar = tqdm(total=n_batches, initial=done, desc=f"Epoch {epoch} train", leave=False, disable=None)
+        bar = progress_bar(total=n_batches, initial=done, desc=f"Epoch {epoch} train")
         for batch_idx, (data, target) in enumerate(batches, start=done):
             data = data.to(self.device, non_blocking=True)
             target = target.to(self.device, non_blocking=True)
@@ -154,7 +165,7 @@ class Trainer(BaseTrainer):
         when one is due or a signal asked to stop (then raise Preempted)."""
         if (self.global_step - 1) % self.log_step == 0:
             self._log_progress(bar, epoch, batches_done, n_batches, loss, sums / n_samples)
-        stop = self.stop_request.signum is not None
+        stop = self._stop_requested()
         due = self.save_every_steps and self.global_step % self.save_every_steps == 0 and batches_done < n_batches
         if not (stop or due):
             return
@@ -162,16 +173,24 @@ class Trainer(BaseTrainer):
             raise TrainingError(f"non-finite training loss in epoch {epoch} by step {self.global_step}; "
                                 "no checkpoint of these weights was written")
         state = self.state_dict()
-        state.update(batches_done=batches_done, partial={"sums": sums.cpu(), "n_samples": n_samples})
+        partial = dist.gather_objects({"sums": sums.cpu(), "n_samples": n_samples})
+        state.update(batches_done=batches_done, partial=partial)
         path = self._save_checkpoint(epoch, periodic=True, best=False, step=self.global_step, trainer_state=state)
         if stop:
             self._preempted(path)
 
+    def _stop_requested(self) -> bool:
+        """Whether a signal asked to stop. Under torchrun the processes must stop at the same step,
+        so they agree on it (a collective) every log_step steps."""
+        requested = self.stop_request.signum is not None
+        if not dist.is_distributed():
+            return requested
+        return self.global_step % self.log_step == 0 and dist.any_process(requested, self.device)
+
     def _valid_phase(self, epoch, max_batches=None):
         """Evaluate on the validation split; averages weighted by batch size."""
         batches = itertools.islice(self.valid_data_loader, max_batches)
-        bar = tqdm(batches, total=max_batches or len(self.valid_data_loader), desc=f"Epoch {epoch} valid",
-                   leave=False, disable=None)
+        bar = progress_bar(batches, total=max_batches or len(self.valid_data_loader), desc=f"Epoch {epoch} valid")
         return evaluate(self.model, bar, self.criterion, self.metric_ftns, self.device)
 
     def _batch_values(self, loss, output, target):

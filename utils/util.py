@@ -93,15 +93,9 @@ def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
             return model
 
 
-def prepare_device(n_gpu_use: int, logger):
-    """The device to train on and the list of GPU ids to use (empty on CPU)."""
-    n_gpu = torch.cuda.device_count()
-    if n_gpu_use > 0 and n_gpu == 0:
+def prepare_device(n_gpu_use: int, logger) -> torch.device:
+    """The device for a single process: the first visible GPU if n_gpu_use > 0 and one exists, else the CPU."""
+    if n_gpu_use > 0 and not torch.cuda.is_available():
         logger.info("n_gpu=%d in the config, but no GPU is available: running on the CPU.", n_gpu_use)
-        n_gpu_use = 0
-    if n_gpu_use > n_gpu:
-        logger.warning("Warning: n_gpu=%d in the config, but only %d GPUs are available; using %d.",
-                       n_gpu_use, n_gpu, n_gpu)
-        n_gpu_use = n_gpu
-    device = torch.device("cuda:0" if n_gpu_use > 0 else "cpu")
-    return device, list(range(n_gpu_use))
+        return torch.device("cpu")
+    return torch.device("cuda:0" if n_gpu_use > 0 else "cpu")

@@ -1,0 +1,239 @@
+"""Training runs on the digits data: output layout, metrics.csv, TensorBoard, best model, early
+stopping, weighted averages, determinism, worker processes, iteration-based epochs, dry runs."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import (CSV_COLUMNS, N_VALID, ROOT, STEPS_PER_EPOCH, assert_ok, assert_same, read_json, run_train,
+                      train, tree, without_time)
+from data_loader.data_loaders import DigitsDataLoader
+from model.loss import nll_loss
+from model.metric import accuracy, top_k_acc
+from model.model import DigitsModel, LinearModel
+from parse_config import ConfigParser, load_config_file
+from trainer.trainer import evaluate
+
+FAST = "trainer.tensorboard=false"  # for runs whose TensorBoard output no test reads
+
+
+def digits_split(seed=1):
+    """(train, valid) TensorDatasets of config.json's split."""
+    loader = DigitsDataLoader("data/", 32, validation_split=0.15, test_split=0.15, seed=seed)
+    return loader.dataset, loader.valid_set
+
+
+# ---- what a plain run writes ------------------------------------------------------------------
+
+def test_run_writes_the_documented_layout(digits_run):
+    names = tree(digits_run.save_dir)
+    events = [n for n in names if n.startswith("log/Digits_CNN/r1/events.out.tfevents.")]
+    assert len(events) == 1
+    assert names == {"models", "models/Digits_CNN", "models/Digits_CNN/r1", "log", "log/Digits_CNN",
+                     "log/Digits_CNN/r1",
+                     # save_period is 5 in config.json: of 3 epochs only the last one is saved
+                     "models/Digits_CNN/r1/config.json", "models/Digits_CNN/r1/checkpoint-epoch3.pth",
+                     "models/Digits_CNN/r1/model_best.pth",
+                     "log/Digits_CNN/r1/info.log", "log/Digits_CNN/r1/metrics.csv", *events}
+
+
+def test_metrics_csv_has_one_row_per_epoch(digits_run):
+    rows = digits_run.metrics()
+    assert list(rows[0]) == CSV_COLUMNS
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
+    for row in rows:
+        assert float(row["lr"]) == 0.002
+        assert float(row["epoch_seconds"]) > 0 and float(row["samples_per_second"]) > 0
+        for key in ("accuracy", "top_k_acc", "val_accuracy", "val_top_k_acc"):
+            assert 0 <= float(row[key]) <= 1
+    assert float(rows[-1]["loss"]) < float(rows[0]["loss"])  # it learns
+    assert float(rows[-1]["val_accuracy"]) > 0.8
+
+
+def test_saved_config_is_the_resolved_config(digits_run):
+    saved = read_json(digits_run.model_dir / "config.json")
+    expected = ConfigParser(load_config_file(ROOT / "config.json"),
+                            ["trainer.epochs=3", f"trainer.save_dir={digits_run.save_dir}"]).config
+    assert saved == expected
+    # defaults that config.json leaves out are written down
+    assert saved["trainer"]["len_epoch"] is None
+    assert saved["lr_scheduler"]["interval"] == "epoch"
+    assert saved["trainer"]["epochs"] == 3
+
+
+def test_info_log_records_the_run(digits_run):
+    text = (digits_run.log_dir / "info.log").read_text()
+    assert "Run r1" in text
+    assert text.count("val_accuracy") >= 3
+
+
+def test_model_best_follows_the_monitored_metric(digits_run):
+    """monitor is 'max val_accuracy' and save_period (5) exceeds the epochs (3): model_best.pth is
+    still written at every improvement, and holds the last improving epoch."""
+    values = [float(r["val_accuracy"]) for r in digits_run.metrics()]
+    improving = [i + 1 for i, v in enumerate(values) if all(v > w for w in values[:i])]
+    best = digits_run.checkpoint("model_best.pth")
+    assert best["epoch"] == improving[-1]
+    assert best["trainer"]["monitor_best"] == max(values)
+    log = (digits_run.log_dir / "info.log").read_text()
+    assert log.count("Saving current best") == len(improving)
+
+
+def test_tensorboard_events_read_back(digits_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    acc = EventAccumulator(str(digits_run.log_dir), size_guidance={"scalars": 0, "images": 0})
+    acc.Reload()
+    tags = acc.Tags()
+    for name in ("loss", "accuracy", "top_k_acc"):
+        assert f"train/{name}" in tags["scalars"] and f"valid/{name}" in tags["scalars"]
+    assert "train/lr" in tags["scalars"] and "train/samples_per_second" in tags["scalars"]
+
+    rows = digits_run.metrics()
+    steps = [STEPS_PER_EPOCH * e for e in (1, 2, 3)]  # the x axis is the optimizer step
+    for tag, column in (("train/loss", "loss"), ("valid/accuracy", "val_accuracy"), ("train/lr", "lr")):
+        events = acc.Scalars(tag)
+        assert [e.step for e in events] == steps
+        assert [e.value for e in events] == pytest.approx([float(r[column]) for r in rows], rel=1e-6)
+
+    images = acc.Images("train/input")
+    assert [i.step for i in images] == steps
+    assert images[0].encoded_image_string.startswith(b"\x89PNG")
+
+
+# ---- best model and early stopping ------------------------------------------------------------
+
+def test_early_stop_and_best_model_with_a_flat_metric(tmp_path):
+    """With lr 0 the weights never change, so val_loss is the same every epoch: epoch 1 improves on
+    +inf, epochs 2 and 3 do not, and early_stop=2 ends the run after epoch 3."""
+    run = train(tmp_path / "saved", "optimizer.args.lr=0.0", "trainer.monitor=min val_loss", "trainer.early_stop=2",
+                "trainer.epochs=10", "trainer.save_period=100", FAST)
+    rows = run.metrics()
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
+    assert len({r["val_loss"] for r in rows}) == 1
+    assert run.pth_files() == {"model_best.pth", "checkpoint-epoch3.pth"}  # best at epoch 1; the last epoch
+    best, last = run.checkpoint("model_best.pth"), run.checkpoint("checkpoint-epoch3.pth")
+    assert best["epoch"] == 1 and best["trainer"]["not_improved_count"] == 0
+    assert best["trainer"]["monitor_best"] == float(rows[0]["val_loss"])
+    assert last["epoch"] == 3 and last["trainer"]["not_improved_count"] == 2
+
+    # A run that stopped early stays stopped when resumed, even with more epochs allowed.
+    before = (run.model_dir / "checkpoint-epoch3.pth").read_bytes()
+    import train as train_script
+    from conftest import call_main
+    call_main(train_script.main, ["-r", run.model_dir, "trainer.epochs=20"])
+    assert len(run.metrics()) == 3
+    assert run.pth_files() == {"model_best.pth", "checkpoint-epoch3.pth"}
+    assert (run.model_dir / "checkpoint-epoch3.pth").read_bytes() == before
+
+
+def test_save_period_and_iteration_based_epochs(tmp_path):
+    """len_epoch=5: every epoch is exactly 5 optimizer steps; save_period=2 saves epochs 2 and 4,
+    and the last epoch (5) is always saved. Resuming mid-pass over the data gives the same weights."""
+    run = train(tmp_path / "saved", "trainer.len_epoch=5", "trainer.epochs=5", "trainer.save_period=2", FAST,
+                run_id="straight")
+    assert run.pth_files() - {"model_best.pth"} == {"checkpoint-epoch2.pth", "checkpoint-epoch4.pth",
+                                                    "checkpoint-epoch5.pth"}
+    for epoch in (2, 4, 5):
+        checkpoint = run.checkpoint(f"checkpoint-epoch{epoch}.pth")
+        assert checkpoint["epoch"] == epoch
+        assert checkpoint["trainer"]["global_step"] == 5 * epoch
+        assert all(s["step"] == 5 * epoch for s in checkpoint["optimizer"]["state"].values())
+    assert [int(r["epoch"]) for r in run.metrics()] == [1, 2, 3, 4, 5]
+
+    # 2 epochs, then resumed to 5: epoch 3 starts at batch 10 of the first pass, as in the straight run
+    part = train(tmp_path / "saved", "trainer.len_epoch=5", "trainer.epochs=2", FAST, run_id="part")
+    import train as train_script
+    from conftest import call_main
+    call_main(train_script.main, ["-r", part.model_dir, "trainer.epochs=5"])
+    assert_same(part.checkpoint("checkpoint-epoch5.pth")["model"], run.checkpoint("checkpoint-epoch5.pth")["model"])
+    assert without_time(part.metrics()) == without_time(run.metrics())
+
+
+# ---- averages weighted by batch size ----------------------------------------------------------
+
+def test_evaluate_weights_each_batch_by_its_size():
+    torch.manual_seed(0)
+    model = LinearModel()
+    x, y = torch.randn(40, 1, 8, 8), torch.randint(0, 10, (40,))
+    sizes = [1, 7, 32]
+    batches = list(zip(x.split(sizes), y.split(sizes)))
+    result = evaluate(model, batches, nll_loss, [accuracy, top_k_acc], torch.device("cpu"))
+
+    with torch.no_grad():
+        out = model(x).double()
+    exact = {"loss": F.nll_loss(out, y).item(), "accuracy": (out.argmax(1) == y).double().mean().item(),
+             "top_k_acc": (out.topk(3, dim=1).indices == y[:, None]).any(1).double().mean().item()}
+    per_batch_loss = [F.nll_loss(out[i:i + n], y[i:i + n]).item() for i, n in zip((0, 1, 8), sizes)]
+    assert abs(sum(per_batch_loss) / 3 - exact["loss"]) > 1e-3  # an unweighted mean would be wrong
+    assert result["loss"] == pytest.approx(exact["loss"], rel=1e-6)
+    assert result["accuracy"] == pytest.approx(exact["accuracy"], abs=1e-6)
+    assert result["top_k_acc"] == pytest.approx(exact["top_k_acc"], abs=1e-6)
+
+
+def test_epoch_averages_are_exact_per_sample_means(tmp_path):
+    """The training set's last batch has 9 samples, not 32. With lr 0 the weights stay as
+    initialised (and saved), so the epoch's training loss must be the per-sample mean over the
+    whole training set under those weights; the same for the validation split."""
+    run = train(tmp_path / "saved", "arch.type=LinearModel", "optimizer.args.lr=0.0", "trainer.epochs=1", FAST)
+    model = LinearModel()
+    model.load_state_dict(run.checkpoint("checkpoint-epoch1.pth")["model"])
+    (row,) = run.metrics()
+    train_set, valid_set = digits_split()
+    assert len(train_set) % 32 == 9 and len(valid_set) == N_VALID
+    with torch.no_grad():
+        for prefix, dataset in (("", train_set), ("val_", valid_set)):
+            x, y = dataset.tensors
+            out = model(x).double()
+            assert float(row[prefix + "loss"]) == pytest.approx(F.nll_loss(out, y).item(), rel=1e-5)
+            assert float(row[prefix + "accuracy"]) == pytest.approx((out.argmax(1) == y).double().mean().item(),
+                                                                    abs=1e-6)
+
+
+# ---- reproducibility --------------------------------------------------------------------------
+
+def test_same_seed_same_run(tmp_path):
+    a = train(tmp_path / "saved", "trainer.epochs=2", FAST, run_id="a")
+    b = train(tmp_path / "saved", "trainer.epochs=2", FAST, run_id="b")
+    c = train(tmp_path / "saved", "trainer.epochs=2", "seed=2", FAST, run_id="c")
+    assert without_time(a.metrics()) == without_time(b.metrics())
+    ca, cb = a.checkpoint("checkpoint-epoch2.pth"), b.checkpoint("checkpoint-epoch2.pth")
+    for key in ("model", "optimizer", "lr_scheduler", "trainer", "rng"):
+        assert_same(ca[key], cb[key], key)
+    # and the seed matters
+    cc = c.checkpoint("checkpoint-epoch2.pth")
+    assert not all(torch.equal(ca["model"][k], cc["model"][k]) for k in ca["model"])
+
+
+def test_worker_processes_give_the_same_batches():
+    """num_workers > 0 goes through torch's DataLoader; num_workers=0 indexes the tensors directly."""
+    plain = DigitsDataLoader("data/", 32, validation_split=0.15, test_split=0.15, seed=1, num_workers=0)
+    workers = DigitsDataLoader("data/", 32, validation_split=0.15, test_split=0.15, seed=1, num_workers=2)
+    assert workers._loader is not None and plain._loader is None  # the two paths under test really differ
+    for epoch, start in ((0, 0), (1, 0), (1, 30)):
+        plain.set_epoch(epoch, start), workers.set_epoch(epoch, start)
+        got, want = list(workers), list(plain)
+        assert len(got) == len(want) == STEPS_PER_EPOCH - start
+        for (x1, y1), (x2, y2) in zip(got, want):
+            assert x1.dtype == x2.dtype and torch.equal(x1, x2) and torch.equal(y1, y2)
+    assert [torch.equal(a[0], b[0]) for a, b in zip(workers.split_validation(), plain.split_validation())] == \
+        [True] * 9
+
+
+def test_training_with_worker_processes_matches_in_process_loading(tmp_path):
+    a = train(tmp_path / "saved", "trainer.epochs=2", "data_loader.args.num_workers=2", FAST, run_id="workers")
+    b = train(tmp_path / "saved", "trainer.epochs=2", FAST, run_id="plain")
+    assert without_time(a.metrics()) == without_time(b.metrics())
+    assert_same(a.checkpoint("checkpoint-epoch2.pth")["model"], b.checkpoint("checkpoint-epoch2.pth")["model"])
+
+
+# ---- dry run ----------------------------------------------------------------------------------
+
+def test_dry_run_writes_nothing(tmp_path):
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    result = run_train("-c", ROOT / "config.json", "--dry-run", f"trainer.save_dir={tmp_path / 'saved'}",
+                       f"data_loader.args.data_dir={ROOT / 'data'}", cwd=cwd)
+    assert_ok(result)
+    assert "dry run" in result.stdout
+    assert not (tmp_path / "saved").exists()
+    assert list(cwd.iterdir()) == []  # no stray runs/ or logs in the working directory either
