@@ -44,6 +44,11 @@ def parse_args(argv=None):
     return args
 
 
+# What a resumed run takes from its checkpoint: overriding these would be silently undone (the
+# optimizer's state holds its lr) or would make the run a different one.
+FIXED_ON_RESUME = ("name", "seed", "arch", "optimizer", "lr_scheduler")
+
+
 def build_config(args):
     """The run's ConfigParser and the checkpoint to start from (None for a fresh run)."""
     checkpoint = path = None
@@ -60,6 +65,11 @@ def build_config(args):
     else:  # continue the checkpoint's run, in its directories: <root>/models/<name>/<run_id>/<file>
         if args.run_id and args.run_id != checkpoint["run_id"]:
             raise ConfigError("--run-id: a resumed run keeps its id; use -c with -r to start a new run")
+        for item in args.overrides:
+            if item.lstrip("+").split("=")[0].split(".")[0] in FIXED_ON_RESUME:
+                raise ConfigError(f"override {item!r}: a resumed run keeps its {', '.join(FIXED_ON_RESUME)} "
+                                  "(their state is in the checkpoint); to change them start a new run from the "
+                                  "checkpoint with -c CONFIG -r CHECKPOINT")
         config = ConfigParser(checkpoint["config"], args.overrides, run_id=checkpoint["run_id"],
                               resume=True, run_root=path.parent.parent.parent.parent)
     return config, checkpoint, path

@@ -46,8 +46,8 @@ class EpochBatchSampler:
         batches = self.indices().split(self.batch_size)
         if self.drop_last and batches and len(batches[-1]) < self.batch_size:
             batches = batches[:-1]
-        start, self.start_batch = self.start_batch, 0  # skipping applies to one pass only
-        return iter(batches[start:])
+        # Not reset here: torch's DataLoader may call iter() on its sampler twice per pass.
+        return iter(batches[self.start_batch:])
 
 
 class BaseDataLoader:

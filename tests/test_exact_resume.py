@@ -1,0 +1,158 @@
+"""Exact resume: stopping and resuming (at an epoch boundary, mid-epoch, or on a signal) gives the
+very run an uninterrupted one gives, bit for bit, on the CPU."""
+import os
+import shutil
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT, Run, assert_ok, assert_same, run_train, without_time
+
+# config.json: 40 steps per epoch, dropout and shuffling on. A scheduler that changes the lr every
+# epoch makes a scheduler state that was not restored visible in the weights.
+COMMON = ["trainer.tensorboard=false", "trainer.verbosity=1", "lr_scheduler.args.step_size=1",
+          "lr_scheduler.args.gamma=0.7"]
+EXACT_KEYS = ("model", "optimizer", "lr_scheduler", "scaler", "trainer", "rng")
+
+
+def assert_same_run(a: Run, b: Run, checkpoint):
+    """Identical state in `checkpoint` of both runs and identical metrics.csv, time columns aside."""
+    ca, cb = a.checkpoint(checkpoint), b.checkpoint(checkpoint)
+    for key in EXACT_KEYS:
+        assert_same(ca[key], cb[key], key)
+    assert without_time(a.metrics()) == without_time(b.metrics())
+
+
+def copy_run(run: Run, save_dir) -> Run:
+    shutil.copytree(run.save_dir, save_dir)
+    return Run(save_dir, run.run_id)
+
+
+@pytest.fixture(scope="module", params=[0, 2], ids=["workers0", "workers2"])
+def straight(request, tmp_path_factory):
+    """An uninterrupted 3-epoch run that also leaves mid-epoch checkpoints every 15 steps."""
+    workers = request.param
+    save_dir = tmp_path_factory.mktemp(f"straight{workers}") / "saved"
+    args = ["-c", "config.json", "--run-id", "s", f"trainer.save_dir={save_dir}", "trainer.epochs=3",
+            "trainer.save_period=1", "trainer.save_every_steps=15", f"data_loader.args.num_workers={workers}",
+            *COMMON]
+    assert_ok(run_train(*args))
+    run = Run(save_dir, "s")
+    run.args = args
+    return run
+
+
+def test_stop_after_k_epochs_then_resume_is_bitwise(straight, tmp_path):
+    """A separate 1-epoch run, resumed with -r to 3 epochs, equals the 3-epoch run."""
+    save_dir = tmp_path / "saved"
+    args = [a.replace(str(straight.save_dir), str(save_dir)) for a in straight.args]
+    assert_ok(run_train(*args, "trainer.epochs=1"))
+    resumed = Run(save_dir, "s")
+    assert_ok(run_train("-r", resumed.model_dir, "trainer.epochs=3"))
+    assert_same_run(straight, resumed, "checkpoint-epoch3.pth")
+    assert [int(r["epoch"]) for r in resumed.metrics()] == [1, 2, 3]
+
+
+def test_resume_from_epoch_checkpoint_is_bitwise(straight, tmp_path):
+    resumed = copy_run(straight, tmp_path / "saved")
+    for later in ("checkpoint-epoch2.pth", "checkpoint-epoch3.pth"):
+        (resumed.model_dir / later).unlink()
+    assert_ok(run_train("-r", resumed.model_dir / "checkpoint-epoch1.pth"))
+    assert_same_run(straight, resumed, "checkpoint-epoch3.pth")
+
+
+@pytest.mark.parametrize("step", [45, 75])  # inside epoch 2 (steps 41..80)
+def test_resume_mid_epoch_is_bitwise(straight, tmp_path, step):
+    resumed = copy_run(straight, tmp_path / "saved")
+    (resumed.model_dir / "checkpoint-epoch3.pth").unlink()
+    middle = resumed.checkpoint(f"checkpoint-epoch2-step{step}.pth")
+    assert middle["trainer"]["epoch"] == 1 and middle["trainer"]["batches_done"] == step - 40
+    assert_ok(run_train("-r", resumed.model_dir / f"checkpoint-epoch2-step{step}.pth"))
+    assert_same_run(straight, resumed, "checkpoint-epoch3.pth")
+
+
+def test_mid_epoch_resume_takes_the_next_batch_without_replay():
+    """The loader starts at the next batch of the same order; nothing before it is produced."""
+    from data_loader.data_loaders import DigitsDataLoader
+
+    loader = DigitsDataLoader("data/", 32, seed=5)
+    loader.set_epoch(3)
+    full = [target for _, target in loader]
+    loader.set_epoch(3, start_batch=7)
+    rest = [target for _, target in loader]
+    assert len(rest) == len(full) - 7
+    assert all((a == b).all() for a, b in zip(rest, full[7:]))
+
+
+def start_training(save_dir, *extra):
+    """train.py in a subprocess with unbuffered output, logging every step."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    cmd = [sys.executable, str(ROOT / "train.py"), "-c", "config.json", "--run-id", "s",
+           f"trainer.save_dir={save_dir}", "trainer.log_step=1", "trainer.verbosity=2", *COMMON, *extra]
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def wait_for_line(proc, text):
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if text in line:
+            return lines
+    raise AssertionError(f"{text!r} never appeared:\n{''.join(lines)}")
+
+
+@pytest.mark.parametrize("sig, status", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_signal_saves_exact_position_and_resumes_bitwise(tmp_path, sig, status):
+    reference = tmp_path / "reference"
+    assert_ok(run_train("-c", "config.json", "--run-id", "s", f"trainer.save_dir={reference}", "trainer.epochs=3",
+                        *COMMON))
+    save_dir = tmp_path / "saved"
+    proc = start_training(save_dir, "trainer.epochs=3")
+    wait_for_line(proc, "Train epoch 2 [5/40]")
+    proc.send_signal(sig)
+    out = proc.stdout.read()
+    assert proc.wait(timeout=60) == status, out
+    run = Run(save_dir, "s")
+    saved = sorted(p for p in run.pth_files() if "-step" in p)
+    assert len(saved) == 1, run.pth_files()
+    assert f"Resume with: python train.py -r {run.model_dir / saved[0]}" in out
+    assert run.checkpoint(saved[0])["trainer"]["epoch"] == 1  # stopped inside epoch 2
+    assert "Traceback" not in out
+
+    assert_ok(run_train("-r", run.model_dir / saved[0]))
+    assert_same_run(Run(reference, "s"), run, "checkpoint-epoch3.pth")
+
+
+def test_second_sigint_exits_at_once():
+    from utils.preemption import StopRequest
+
+    with StopRequest() as stop:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert stop.signum == signal.SIGINT  # the first one only asks
+        with pytest.raises(SystemExit) as exc:
+            os.kill(os.getpid(), signal.SIGINT)
+        assert exc.value.code == 130
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+
+
+def test_auto_resume_starts_then_continues_the_newest_run(tmp_path):
+    save_dir = tmp_path / "saved"
+    args = ["-c", "config.json", "--auto-resume", f"trainer.save_dir={save_dir}", *COMMON]
+    assert_ok(run_train(*args, "trainer.epochs=1", "--run-id", "first"))  # nothing to resume: a new run
+    assert_ok(run_train(*args, "trainer.epochs=1", "--run-id", "second"))  # resumes "first": already done
+    runs = sorted(p.name for p in (save_dir / "models" / "Digits_CNN").iterdir())
+    assert runs == ["first"]
+    result = run_train(*args, "trainer.epochs=2")
+    assert_ok(result)
+    run = Run(save_dir, "first")
+    assert [int(r["epoch"]) for r in run.metrics()] == [1, 2]
+    assert "checkpoint-epoch2.pth" in run.pth_files()
+    assert sorted(p.name for p in (save_dir / "models" / "Digits_CNN").iterdir()) == ["first"]
+
+
+def test_resume_refuses_to_override_what_the_checkpoint_fixes(digits_run):
+    result = run_train("-r", digits_run.model_dir, "optimizer.args.lr=0.5")
+    assert result.returncode == 2
+    assert "a resumed run keeps its" in result.stderr and "Traceback" not in result.stderr
