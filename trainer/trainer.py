@@ -29,8 +29,9 @@ def averages(names, sums, n_samples) -> dict:
     return dict(zip(names, (totals[:-1] / totals[-1].clamp_min(1)).tolist()))  # one host sync
 
 
-def evaluate(model, batches, criterion, metric_ftns, device) -> dict:
-    """Loss and metrics of `model` over `batches`, averaged weighted by batch size, plus n_samples."""
+def evaluate(model, batches, criterion, metric_ftns, device, autocast=contextlib.nullcontext) -> dict:
+    """Loss and metrics of `model` over `batches`, averaged weighted by batch size (over all
+    processes under torchrun); `autocast` is the mixed-precision context the training uses."""
     model.eval()
     names = ["loss", *(m.__name__ for m in metric_ftns)]
     sums = torch.zeros(len(names), device=device)
@@ -39,8 +40,10 @@ def evaluate(model, batches, criterion, metric_ftns, device) -> dict:
         for data, target in batches:
             data = data.to(device, non_blocking=True)
             target = target.to(device, non_blocking=True)
-            output = model(data)
-            sums += batch_values(criterion(output, target), output, target, metric_ftns, device) * len(target)
+            with autocast():
+                output = model(data)
+                loss = criterion(output, target)
+            sums += batch_values(loss, output, target, metric_ftns, device) * len(target)
             n_samples += len(target)
     return averages(names, sums, n_samples)
 
@@ -191,7 +194,7 @@ class Trainer(BaseTrainer):
         """Evaluate on the validation split; averages weighted by batch size."""
         batches = itertools.islice(self.valid_data_loader, max_batches)
         bar = progress_bar(batches, total=max_batches or len(self.valid_data_loader), desc=f"Epoch {epoch} valid")
-        return evaluate(self.model, bar, self.criterion, self.metric_ftns, self.device)
+        return evaluate(self.model, bar, self.criterion, self.metric_ftns, self.device, self.autocast)
 
     def _batch_values(self, loss, output, target):
         return batch_values(loss, output, target, self.metric_ftns, self.device)
