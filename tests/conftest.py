@@ -17,6 +17,12 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+# One intra-op thread per process, here and in every subprocess: the suite runs many small trainings
+# (and DataLoader workers) on a 2-core machine, where oversubscribed threads make each step many
+# times slower. Results stay deterministic; runs compared bitwise all use this same setting.
+THREADS_ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+torch.set_num_threads(1)
+
 NAME = "Digits_CNN"  # the name in config.json
 # config.json: 1797 digits, 15% validation and 15% test -> 1257 training samples -> 40 batches of <= 32.
 STEPS_PER_EPOCH = 40
@@ -38,9 +44,10 @@ def _in_repo_root():
 # ---- running the scripts ----------------------------------------------------------------------
 
 def run_script(script, *args, cwd=ROOT, timeout=300):
-    """`python <script> args...` in a real subprocess; returns the CompletedProcess (text)."""
+    """`python <script> args...` in a real subprocess (script relative to the repository root, or
+    absolute); returns the CompletedProcess (text)."""
     return subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], cwd=cwd, capture_output=True,
-                          text=True, timeout=timeout)
+                          text=True, timeout=timeout, env=THREADS_ENV)
 
 
 def run_train(*args, **kwargs):
@@ -118,9 +125,6 @@ class Run:
 
     def checkpoint(self, file="model_best.pth") -> dict:
         return torch.load(self.model_dir / file, weights_only=True)
-
-    def last_checkpoint_name(self) -> str:
-        return max(self.pth_files() - {"model_best.pth"}, key=lambda n: int(n[len("checkpoint-epoch"):-4]))
 
     def pth_files(self) -> set:
         return {p.name for p in self.model_dir.glob("*.pth")}

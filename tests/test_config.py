@@ -1,7 +1,6 @@
 """Config parsing: defaults, JSON/YAML, precedence, overrides, and one-line rejection of bad configs."""
 import copy
 import json
-from datetime import datetime
 
 import pytest
 import yaml
@@ -93,6 +92,15 @@ def test_lr_and_bs_shortcuts(tmp_path):
     assert list(tmp_path.iterdir()) == []  # building the config wrote nothing
 
 
+@pytest.mark.xfail(strict=True, raises=SystemExit, reason=(
+    "doubtful: train.py parse_args uses argparse parse_args with a nargs='*' positional, so overrides "
+    "after an option (`-c config.json trainer.epochs=3 --lr 0.01 trainer.save_period=1`) fail with "
+    "'unrecognized arguments'; parse_intermixed_args would accept them"))
+def test_overrides_may_come_before_and_after_options():
+    args = train_script.parse_args(["-c", "config.json", "trainer.epochs=3", "--lr", "0.01", "trainer.save_period=1"])
+    assert {"trainer.epochs=3", "trainer.save_period=1", "optimizer.args.lr=0.01"} <= set(args.overrides)
+
+
 def test_unknown_override_key_is_an_error_naming_close_matches():
     with pytest.raises(ConfigError) as e:
         parse(None, "trainer.epoch=3")
@@ -125,12 +133,6 @@ def test_a_key_added_with_plus_is_still_validated():
 def test_unknown_constructor_argument_without_plus_is_unknown_key():
     with pytest.raises(ConfigError, match=r"no key 'arch\.args\.bogus'"):
         parse(None, "arch.args.bogus=1")
-
-
-def test_default_run_id_is_a_timestamp():
-    before = datetime.now().year
-    run_id = ConfigParser(copy.deepcopy(BASE)).run_id
-    assert str(before) in run_id or str(datetime.now().year) in run_id
 
 
 # ---- every config error: one line naming the key, exit 2, nothing written ---------------------

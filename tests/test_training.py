@@ -5,12 +5,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import (CSV_COLUMNS, N_VALID, ROOT, STEPS_PER_EPOCH, assert_ok, assert_same, read_json, run_train,
-                      train, tree, without_time)
+import train as train_script
+from conftest import (CSV_COLUMNS, N_VALID, ROOT, STEPS_PER_EPOCH, assert_ok, assert_same, call_main, read_json,
+                      run_train, train, tree, without_time)
 from data_loader.data_loaders import DigitsDataLoader
 from model.loss import nll_loss
 from model.metric import accuracy, top_k_acc
-from model.model import DigitsModel, LinearModel
+from model.model import LinearModel
 from parse_config import ConfigParser, load_config_file
 from trainer.trainer import evaluate
 
@@ -118,8 +119,6 @@ def test_early_stop_and_best_model_with_a_flat_metric(tmp_path):
 
     # A run that stopped early stays stopped when resumed, even with more epochs allowed.
     before = (run.model_dir / "checkpoint-epoch3.pth").read_bytes()
-    import train as train_script
-    from conftest import call_main
     call_main(train_script.main, ["-r", run.model_dir, "trainer.epochs=20"])
     assert len(run.metrics()) == 3
     assert run.pth_files() == {"model_best.pth", "checkpoint-epoch3.pth"}
@@ -128,9 +127,11 @@ def test_early_stop_and_best_model_with_a_flat_metric(tmp_path):
 
 def test_save_period_and_iteration_based_epochs(tmp_path):
     """len_epoch=5: every epoch is exactly 5 optimizer steps; save_period=2 saves epochs 2 and 4,
-    and the last epoch (5) is always saved. Resuming mid-pass over the data gives the same weights."""
+    and the last epoch (5) is always saved. The lr column shows the lr each epoch trained with.
+    Resuming mid-pass over the data (and mid-schedule) gives the same weights."""
+    schedule = ["lr_scheduler.args.step_size=2", "lr_scheduler.args.gamma=0.5"]
     run = train(tmp_path / "saved", "trainer.len_epoch=5", "trainer.epochs=5", "trainer.save_period=2", FAST,
-                run_id="straight")
+                *schedule, run_id="straight")
     assert run.pth_files() - {"model_best.pth"} == {"checkpoint-epoch2.pth", "checkpoint-epoch4.pth",
                                                     "checkpoint-epoch5.pth"}
     for epoch in (2, 4, 5):
@@ -139,11 +140,10 @@ def test_save_period_and_iteration_based_epochs(tmp_path):
         assert checkpoint["trainer"]["global_step"] == 5 * epoch
         assert all(s["step"] == 5 * epoch for s in checkpoint["optimizer"]["state"].values())
     assert [int(r["epoch"]) for r in run.metrics()] == [1, 2, 3, 4, 5]
+    assert [float(r["lr"]) for r in run.metrics()] == [0.002, 0.002, 0.001, 0.001, 0.0005]
 
     # 2 epochs, then resumed to 5: epoch 3 starts at batch 10 of the first pass, as in the straight run
-    part = train(tmp_path / "saved", "trainer.len_epoch=5", "trainer.epochs=2", FAST, run_id="part")
-    import train as train_script
-    from conftest import call_main
+    part = train(tmp_path / "saved", "trainer.len_epoch=5", "trainer.epochs=2", FAST, *schedule, run_id="part")
     call_main(train_script.main, ["-r", part.model_dir, "trainer.epochs=5"])
     assert_same(part.checkpoint("checkpoint-epoch5.pth")["model"], run.checkpoint("checkpoint-epoch5.pth")["model"])
     assert without_time(part.metrics()) == without_time(run.metrics())
@@ -215,8 +215,10 @@ def test_worker_processes_give_the_same_batches():
         assert len(got) == len(want) == STEPS_PER_EPOCH - start
         for (x1, y1), (x2, y2) in zip(got, want):
             assert x1.dtype == x2.dtype and torch.equal(x1, x2) and torch.equal(y1, y2)
-    assert [torch.equal(a[0], b[0]) for a, b in zip(workers.split_validation(), plain.split_validation())] == \
-        [True] * 9
+    got, want = list(workers.split_validation()), list(plain.split_validation())
+    assert len(got) == len(want) == 9  # 270 validation samples, in a fixed order
+    for (x1, y1), (x2, y2) in zip(got, want):
+        assert torch.equal(x1, x2) and torch.equal(y1, y2)
 
 
 def test_training_with_worker_processes_matches_in_process_loading(tmp_path):
