@@ -36,6 +36,8 @@ TOP_LEVEL = {
     "trainer": ({}, dict, "training loop settings; see the trainer table"),
 }
 SCHEDULER_INTERVALS = ("epoch", "step")
+# Constructor arguments the programs pass themselves (train.py: seed; test.py: seed, training=False).
+PROGRAM_ARGS = {"data_loader": ("seed", "training")}
 
 
 def _is_optimizer(obj):
@@ -141,7 +143,8 @@ def apply_override(config, item):
         if not isinstance(node.get(part), dict):
             return _unknown_key(config, path[:i + 1], item)
         node = node[part]
-    if path[-1] not in node and not add and path[-1] not in _constructor_params(config, path[:-1]):
+    settable = _constructor_params(config, path[:-1]) - set(PROGRAM_ARGS.get(path[0], ())) if len(path) > 1 else ()
+    if path[-1] not in node and not add and path[-1] not in settable:
         return _unknown_key(config, path, item)
     node[path[-1]] = value
 
@@ -156,7 +159,7 @@ def _unknown_key(config, path, item):
 def _check_keys(section, schema, where):
     unknown = [k for k in section if k not in schema]
     if unknown:
-        close = difflib.get_close_matches(unknown[0], list(schema), n=3, cutoff=0.6)
+        close = [where + k for k in difflib.get_close_matches(unknown[0], list(schema), n=3, cutoff=0.6)]
         hint = f"; did you mean {' or '.join(close)}?" if close else f"; known keys: {', '.join(schema)}"
         raise ConfigError(f"{where}{unknown[0]}: unknown key{hint}")
 
@@ -196,6 +199,10 @@ def _check_obj_section(config, section, extra=(), optional_keys=()):
         raise ConfigError(f"{section}.type: missing required key")
     spec.setdefault("args", {})
     _check_type(spec["args"], dict, f"{section}.args")
+    for name in PROGRAM_ARGS.get(section, ()):
+        if name in spec["args"]:
+            raise ConfigError(f"{section}.args.{name}: set by the program, not the config"
+                              + (" (the top-level seed is passed in)" if name == "seed" else ""))
     cls = resolve(section, spec["type"], f"{section}.type")
     try:
         inspect.signature(cls).bind(*extra, **spec["args"])
@@ -312,7 +319,11 @@ class ConfigParser:
         overlap = set(kwargs) & set(spec["args"])
         if overlap:
             raise ConfigError(f"{section}.args: {', '.join(sorted(overlap))} is set by the program, not the config")
-        return resolve(section, spec["type"], f"{section}.type")(*args, **spec["args"], **kwargs)
+        cls = resolve(section, spec["type"], f"{section}.type")
+        try:
+            return cls(*args, **spec["args"], **kwargs)
+        except (TypeError, ValueError) as e:  # how constructors reject a bad value
+            raise ConfigError(f"{section}.args: {spec['type']} rejected {json.dumps(spec['args'])}: {e}") from None
 
     def init_ftn(self, section, name):
         """The loss or metric function called `name`."""

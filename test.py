@@ -12,6 +12,7 @@ from logger import setup_logging
 from parse_config import ConfigParser
 from trainer.trainer import evaluate, progress_bar
 from utils import prepare_device, write_json
+from utils.errors import ConfigError
 from utils.checkpoint import find_checkpoint, load_checkpoint, load_model_state
 
 
@@ -20,7 +21,7 @@ def main(argv=None):
     p.add_argument("-r", "--resume", required=True, help="checkpoint file, or a run directory (its newest)")
     p.add_argument("-d", "--device", help="GPU ids to use, e.g. 0 (sets CUDA_VISIBLE_DEVICES)")
     p.add_argument("overrides", nargs="*", metavar="KEY.PATH=VALUE", help="override a value of the checkpoint's config")
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)
     if args.device:
         os.environ["CUDA_VISIBLE_DEVICES"] = args.device
 
@@ -31,6 +32,8 @@ def main(argv=None):
     logger = logging.getLogger("test")
 
     data_loader = config.init_obj("data_loader", seed=config["seed"], training=False)
+    if data_loader.n_samples == 0:
+        raise ConfigError(f"data_loader.args.test_split: the test split of {config['data_loader']['type']} is empty")
     model = config.init_obj("arch")
     load_model_state(model, checkpoint, path)
     device = prepare_device(config["n_gpu"], logger)

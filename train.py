@@ -28,13 +28,13 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, help="shortcut for optimizer.args.lr=LR")
     p.add_argument("--bs", type=int, help="shortcut for data_loader.args.batch_size=BS")
     p.add_argument("--auto-resume", action="store_true",
-                   help="with -c: resume the newest checkpoint of the newest run of this config's name, "
-                        "or start a new run if there is none")
+                   help="with -c: resume the newest checkpoint of the run named by --run-id (default: the "
+                        "newest run of this config's name), or start that run if it has none")
     p.add_argument("--dry-run", action="store_true",
                    help="build everything, run 2 training and 2 validation batches, write nothing")
     p.add_argument("overrides", nargs="*", metavar="KEY.PATH=VALUE",
                    help="override a config value (JSON, else a string); +KEY.PATH=VALUE adds a key")
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)  # overrides may come before and after options
     if not args.config and not args.resume:
         p.error("give a config with -c, or a checkpoint to resume with -r")
     if args.auto_resume and (args.resume or not args.config):
@@ -49,12 +49,23 @@ def parse_args(argv=None):
 FIXED_ON_RESUME = ("name", "seed", "arch", "optimizer", "lr_scheduler")
 
 
+def run_root_of(path, checkpoint):
+    """The save_dir a checkpoint lies in (<save_dir>/models/<name>/<run_id>/<file>), so a resumed run
+    writes beside it; None (the config's save_dir) for a checkpoint that was moved out of its run."""
+    run_dir = path.resolve().parent
+    if (run_dir.name, run_dir.parent.name, run_dir.parent.parent.name) == (
+            checkpoint["run_id"], checkpoint["config"]["name"], "models"):
+        return run_dir.parents[2]
+    return None
+
+
 def build_config(args):
     """The run's ConfigParser and the checkpoint to start from (None for a fresh run)."""
     checkpoint = path = None
     if args.auto_resume:
         config = ConfigParser(load_config_file(args.config), args.overrides, run_id=args.run_id)
-        path, checkpoint = latest_checkpoint(config.save_root / "models" / config["name"])
+        runs = config.save_root / "models" / config["name"]
+        path, checkpoint = latest_checkpoint(runs, args.run_id)
         if checkpoint is None:
             return config, None, None
     elif args.resume:
@@ -65,13 +76,13 @@ def build_config(args):
     else:  # continue the checkpoint's run, in its directories: <root>/models/<name>/<run_id>/<file>
         if args.run_id and args.run_id != checkpoint["run_id"]:
             raise ConfigError("--run-id: a resumed run keeps its id; use -c with -r to start a new run")
-        for item in args.overrides:
-            if item.lstrip("+").split("=")[0].split(".")[0] in FIXED_ON_RESUME:
-                raise ConfigError(f"override {item!r}: a resumed run keeps its {', '.join(FIXED_ON_RESUME)} "
-                                  "(their state is in the checkpoint); to change them start a new run from the "
-                                  "checkpoint with -c CONFIG -r CHECKPOINT")
         config = ConfigParser(checkpoint["config"], args.overrides, run_id=checkpoint["run_id"],
-                              resume=True, run_root=path.parent.parent.parent.parent)
+                              resume=True, run_root=run_root_of(path, checkpoint))
+        changed = [key for key in FIXED_ON_RESUME if config[key] != checkpoint["config"][key]]
+        if changed:
+            raise ConfigError(f"{changed[0]}: a resumed run keeps its {', '.join(FIXED_ON_RESUME)} (their state "
+                              "is in the checkpoint); to change them start a new run from the checkpoint with "
+                              "-c CONFIG -r CHECKPOINT")
     return config, checkpoint, path
 
 
@@ -105,6 +116,8 @@ def run(args, config, checkpoint, checkpoint_path, device, logger):
 
     # Build everything before creating any directory, so a bad config leaves nothing behind.
     data_loader = config.init_obj("data_loader", seed=config["seed"])
+    if len(data_loader) == 0:
+        raise ConfigError(f"data_loader.args: the training split of {config['data_loader']['type']} is empty")
     valid_data_loader = data_loader.split_validation()
     model = config.init_obj("arch")
     if checkpoint is not None and not config.resume:

@@ -22,6 +22,8 @@ class EpochBatchSampler:
     """
 
     def __init__(self, n, batch_size, shuffle, seed=0, drop_last=False, rank=0, world_size=1, even_shards=True):
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
         self.n, self.batch_size, self.shuffle, self.seed = n, batch_size, shuffle, seed
         self.drop_last, self.rank, self.world_size = drop_last, rank, world_size
         self.padded_n = -(-n // world_size) * world_size if even_shards else n
@@ -43,7 +45,8 @@ class EpochBatchSampler:
         return n_local // self.batch_size if self.drop_last else math.ceil(n_local / self.batch_size)
 
     def __iter__(self):
-        batches = self.indices().split(self.batch_size)
+        indices = self.indices()
+        batches = indices.split(self.batch_size) if len(indices) else ()  # split() of nothing is one empty batch
         if self.drop_last and batches and len(batches[-1]) < self.batch_size:
             batches = batches[:-1]
         # Not reset here: torch's DataLoader may call iter() on its sampler twice per pass.

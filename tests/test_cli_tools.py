@@ -67,11 +67,6 @@ def test_test_script_takes_a_run_directory(run_copy):
     assert results["n_samples"] == N_TEST
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "framework bug: with an empty test split (data_loader.args.test_split=0) test.py exits 0 and writes "
-    "loss/accuracy NaN (not even valid JSON) to test_metrics.json: base/base_data_loader.py "
-    "EpochBatchSampler.__iter__ yields one empty batch for n=0 although __len__ is 0, and test.py does "
-    "not reject an empty split"))
 def test_test_script_refuses_an_empty_test_split(run_copy, capsys):
     code, err = main_error(test_script.main, ["-r", run_copy / "model_best.pth", "data_loader.args.test_split=0"],
                            capsys)
@@ -79,9 +74,6 @@ def test_test_script_refuses_an_empty_test_split(run_copy, capsys):
     assert not (run_copy / "test_metrics.json").exists()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "framework bug: base/base_data_loader.py EpochBatchSampler with n=0 has len() 0 but iterates one "
-    "empty batch (torch.arange(0).split(bs) is a tuple of one empty tensor)"))
 def test_empty_sampler_yields_no_batches():
     from base.base_data_loader import EpochBatchSampler
     sampler = EpochBatchSampler(0, 32, shuffle=True)

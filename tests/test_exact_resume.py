@@ -139,17 +139,18 @@ def test_second_sigint_exits_at_once():
 
 def test_auto_resume_starts_then_continues_the_newest_run(tmp_path):
     save_dir = tmp_path / "saved"
+    runs = save_dir / "models" / "Digits_CNN"
     args = ["-c", "config.json", "--auto-resume", f"trainer.save_dir={save_dir}", *COMMON]
-    assert_ok(run_train(*args, "trainer.epochs=1", "--run-id", "first"))  # nothing to resume: a new run
-    assert_ok(run_train(*args, "trainer.epochs=1", "--run-id", "second"))  # resumes "first": already done
-    runs = sorted(p.name for p in (save_dir / "models" / "Digits_CNN").iterdir())
-    assert runs == ["first"]
-    result = run_train(*args, "trainer.epochs=2")
-    assert_ok(result)
-    run = Run(save_dir, "first")
-    assert [int(r["epoch"]) for r in run.metrics()] == [1, 2]
-    assert "checkpoint-epoch2.pth" in run.pth_files()
-    assert sorted(p.name for p in (save_dir / "models" / "Digits_CNN").iterdir()) == ["first"]
+    assert_ok(run_train(*args, "trainer.epochs=1", "--run-id", "first"))  # nothing to resume: starts "first"
+    assert_ok(run_train(*args, "trainer.epochs=1", "--run-id", "second"))  # no "second" yet: starts it
+    assert sorted(p.name for p in runs.iterdir()) == ["first", "second"]
+    assert_ok(run_train(*args, "trainer.epochs=2"))  # the newest run, "second", goes on
+    assert [int(r["epoch"]) for r in Run(save_dir, "second").metrics()] == [1, 2]
+    assert_ok(run_train(*args, "trainer.epochs=2", "--run-id", "first"))  # a named run goes on
+    assert [int(r["epoch"]) for r in Run(save_dir, "first").metrics()] == [1, 2]
+    assert_ok(run_train(*args, "trainer.epochs=2"))  # "first" was saved last and is complete: nothing to do
+    assert sorted(p.name for p in runs.iterdir()) == ["first", "second"]
+    assert [int(r["epoch"]) for r in Run(save_dir, "first").metrics()] == [1, 2]
 
 
 def test_resume_refuses_to_override_what_the_checkpoint_fixes(digits_run):

@@ -45,11 +45,11 @@ def find_checkpoint(path) -> Path:
     return path
 
 
-def latest_checkpoint(runs_dir):
-    """(path, checkpoint) of the newest loadable checkpoint of the run most recently saved to under
-    `runs_dir` (<save_dir>/models/<name>), or (None, None) when there is none."""
-    runs = [(list_checkpoints(d), d) for d in Path(runs_dir).glob("*/") if d.is_dir()]
-    runs = [found for found, _ in runs if found]
+def latest_checkpoint(runs_dir, run_id=None):
+    """(path, checkpoint) of the newest loadable checkpoint of run `run_id`, or of the run most
+    recently saved to, under `runs_dir` (<save_dir>/models/<name>); (None, None) when there is none."""
+    dirs = [Path(runs_dir) / run_id] if run_id else [d for d in Path(runs_dir).glob("*") if d.is_dir()]
+    runs = [found for found in map(list_checkpoints, dirs) if found]
     if not runs:
         return None, None
     newest_run = max(runs, key=lambda found: max(p.stat().st_mtime_ns for p in found))
