@@ -11,7 +11,7 @@ import zipfile
 import pytest
 import torch
 
-from conftest import ROOT, Run, assert_ok, assert_user_error, run_script, run_train
+from conftest import ROOT, THREADS_ENV, Run, assert_ok, assert_user_error, run_script, run_train
 from utils.checkpoint import CHECKPOINT_KEYS, list_checkpoints, load_checkpoint
 
 FAST = ["trainer.tensorboard=false", "trainer.verbosity=0"]
@@ -38,7 +38,7 @@ def test_sigkill_during_saves_leaves_only_complete_checkpoints(tmp_path):
         cmd = args if attempt == 0 else [sys.executable, str(ROOT / "train.py"), "-r", str(run.model_dir),
                                          "trainer.save_every_steps=1", "trainer.verbosity=0"]
         before = set(run.pth_files()) if run.model_dir.exists() else set()
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=THREADS_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:  # wait until this process is saving
             if run.model_dir.exists() and set(run.pth_files()) - before:
@@ -170,7 +170,7 @@ def test_a_run_that_crashes_midway_keeps_its_outputs_and_logs_the_traceback(tmp_
     save_dir = tmp_path / "saved"
     result = subprocess.run([sys.executable, "train.py", "-c", "config.json", "--run-id", "c", "arch.type=FlakyModel",
                              f"trainer.save_dir={save_dir}", "trainer.epochs=3", "trainer.save_period=1", *FAST],
-                            cwd=project, capture_output=True, text=True, timeout=300)
+                            cwd=project, env=THREADS_ENV, capture_output=True, text=True, timeout=300)
     assert result.returncode == 1
     assert "boom in FlakyModel.forward" in result.stderr
     run = Run(save_dir, "c")

@@ -10,7 +10,7 @@ import torch
 import torch.distributed as tdist
 import torch.multiprocessing as mp
 
-from conftest import ROOT, Run, assert_ok, assert_same, run_train, without_time
+from conftest import ROOT, THREADS_ENV, Run, assert_ok, assert_same, run_train, without_time
 
 FAST = ["trainer.tensorboard=false", "trainer.verbosity=1"]
 LINEAR = ["arch.type=LinearModel", "lr_scheduler=null", "trainer.monitor=off", "optimizer.type=SGD",
@@ -20,7 +20,7 @@ LINEAR = ["arch.type=LinearModel", "lr_scheduler=null", "trainer.monitor=off", "
 def torchrun(*args, nproc=2, timeout=300, **popen):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            str(ROOT / "train.py"), *map(str, args)]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env = dict(THREADS_ENV, PYTHONUNBUFFERED="1")
     if popen:
         return subprocess.Popen(cmd, cwd=ROOT, env=env, text=True, **popen)
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)

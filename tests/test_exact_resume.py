@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT, Run, assert_ok, assert_same, run_train, without_time
+from conftest import ROOT, THREADS_ENV, Run, assert_ok, assert_same, run_train, without_time
 
 # config.json: 40 steps per epoch, dropout and shuffling on. A scheduler that changes the lr every
 # epoch makes a scheduler state that was not restored visible in the weights.
@@ -88,9 +88,9 @@ def test_mid_epoch_resume_takes_the_next_batch_without_replay():
 
 def start_training(save_dir, *extra):
     """train.py in a subprocess with unbuffered output, logging every step."""
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env = dict(THREADS_ENV, PYTHONUNBUFFERED="1")  # the thread count of every other run here: it sets the sums' order
     cmd = [sys.executable, str(ROOT / "train.py"), "-c", "config.json", "--run-id", "s",
-           f"trainer.save_dir={save_dir}", "trainer.log_step=1", "trainer.verbosity=2", *COMMON, *extra]
+           f"trainer.save_dir={save_dir}", *COMMON, "trainer.log_step=1", "trainer.verbosity=2", *extra]
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -103,11 +103,17 @@ def wait_for_line(proc, text):
     raise AssertionError(f"{text!r} never appeared:\n{''.join(lines)}")
 
 
-@pytest.mark.parametrize("sig, status", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
-def test_signal_saves_exact_position_and_resumes_bitwise(tmp_path, sig, status):
-    reference = tmp_path / "reference"
-    assert_ok(run_train("-c", "config.json", "--run-id", "s", f"trainer.save_dir={reference}", "trainer.epochs=3",
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """An uninterrupted 3-epoch run."""
+    save_dir = tmp_path_factory.mktemp("reference") / "saved"
+    assert_ok(run_train("-c", "config.json", "--run-id", "s", f"trainer.save_dir={save_dir}", "trainer.epochs=3",
                         *COMMON))
+    return Run(save_dir, "s")
+
+
+@pytest.mark.parametrize("sig, status", [(signal.SIGTERM, 143), (signal.SIGINT, 130)], ids=["SIGTERM", "SIGINT"])
+def test_signal_saves_exact_position_and_resumes_bitwise(tmp_path, reference, sig, status):
     save_dir = tmp_path / "saved"
     proc = start_training(save_dir, "trainer.epochs=3")
     wait_for_line(proc, "Train epoch 2 [5/40]")
@@ -122,7 +128,7 @@ def test_signal_saves_exact_position_and_resumes_bitwise(tmp_path, sig, status):
     assert "Traceback" not in out
 
     assert_ok(run_train("-r", run.model_dir / saved[0]))
-    assert_same_run(Run(reference, "s"), run, "checkpoint-epoch3.pth")
+    assert_same_run(reference, run, "checkpoint-epoch3.pth")
 
 
 def test_second_sigint_exits_at_once():

@@ -7,8 +7,8 @@ import time
 import torch
 from tqdm import tqdm
 
-from base import BaseTrainer
 import utils.dist as dist
+from base import BaseTrainer
 from utils.errors import CheckpointError, ConfigError, TrainingError
 
 
@@ -216,6 +216,7 @@ class Trainer(BaseTrainer):
 
     def dry_run(self, batches=2):
         """Train `batches` batches and validate on `batches` batches; write nothing."""
+        self.save_every_steps = 0  # no mid-epoch checkpoints: a dry run has no run directory
         train, _ = self._train_phase(1, max_batches=batches)
         self.logger.info("dry run: %d training batches: %s", batches, train)
         if self.valid_data_loader is not None:
