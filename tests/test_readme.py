@@ -1,0 +1,30 @@
+"""The README is the front door: its config reference lists every key with its real default."""
+import json
+import re
+
+from conftest import ROOT
+from base.base_trainer import TRAINER_DEFAULTS
+from parse_config import REQUIRED, TOP_LEVEL
+
+README = (ROOT / "README.md").read_text()
+
+
+def documented_defaults():
+    """{key: default cell} from the README's config tables."""
+    rows = re.findall(r"^\| `([\w.]+)` \| ([^|]+) \|", README, flags=re.M)
+    return {key: cell.strip() for key, cell in rows}
+
+
+def test_every_config_key_is_documented_with_its_default():
+    table = documented_defaults()
+    expected = {key: "required" if default is REQUIRED else f"`{json.dumps(default)}`"
+                for key, (default, _, _) in TOP_LEVEL.items()}
+    expected.update({f"trainer.{key}": f"`{json.dumps(default)}`" for key, (default, _, _) in TRAINER_DEFAULTS.items()})
+    assert {k: table.get(k) for k in expected} == expected
+    assert set(table) == set(expected)  # and nothing that does not exist
+
+
+def test_readme_commands_name_files_that_exist():
+    for path in ("config.json", "configs/mnist.json", "configs/fashion_mnist.json", "requirements.txt",
+                 "train.py", "test.py", "new_project.py", ".ci/run", "data/README.md"):
+        assert path in README and (ROOT / path).exists(), path
