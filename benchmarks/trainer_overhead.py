@@ -14,7 +14,7 @@ Workloads:
           metrics accuracy + top_k_acc, validation every epoch); 20 epochs per run unless --epochs.
   mnist   configs/mnist.json (MnistModel, batch 128, Adam/amsgrad, StepLR, same metrics), but with
           the data replaced by 60,000 seeded random 1x28x28 samples (10 classes) held in memory,
-          split 54,000 train / 6,000 validation as MnistDataLoader does, each split a TensorDataset
+          split 54,000 train / 6,000 validation (MnistDataLoader's validation_split 0.1), each split a TensorDataset
           in a base.BaseDataLoader given to the Trainer directly; 1 epoch per run unless --epochs.
 
 What counts as "like with like":
@@ -29,7 +29,11 @@ What counts as "like with like":
     training batch, tqdm bars, per-log_step debug lines and TensorBoard scalars, the per-epoch
     image grid, metrics.csv, info.log and the checkpoints its config asks for. The raw loop does
     none of that (a hand-written loop does not have to).
-  * Timed: the training call only (raw_fit() / Trainer.train()). Untimed on both sides: building
+  * Both sides run the plain step: the config's trainer.amp, accumulate_steps, clip_grad_norm and
+    compile must be at their defaults (the script stops otherwise). trainer.early_stop is set to 0 so
+    both sides run every epoch; the monitor (and the model_best.pth it writes) stays on.
+  * samples/s = training samples of a run (epochs x training split) / the run's timed seconds,
+    validation included. Timed: the training call only (raw_fit() / Trainer.train()). Untimed on both sides: building
     the data, model and optimizer; for the Trainer also ConfigParser, make_run_dirs() and
     setup_logging(). The Trainer writes into a temporary save_dir that is deleted afterwards.
   * The Trainer's console (log lines on stdout, tqdm bars on stderr) goes to /dev/null through a
@@ -126,8 +130,10 @@ PLAIN_STEP = {"amp": None, "accumulate_steps": 1, "clip_grad_norm": None, "compi
 
 
 def make_config(raw, save_dir, epochs, run_id, len_epoch=None):
+    # early_stop=0: both sides must run every epoch (on random labels val_loss soon stops improving);
+    # the monitor itself, and the model_best.pth it drives, stay on.
     overrides = [f"trainer.save_dir={save_dir}", f"trainer.epochs={epochs}",
-                 f"trainer.len_epoch={json.dumps(len_epoch)}"]
+                 f"trainer.len_epoch={json.dumps(len_epoch)}", "trainer.early_stop=0"]
     config = ConfigParser(raw, overrides, run_id=run_id)
     changed = [k for k, v in PLAIN_STEP.items() if config["trainer"].get(k, v) != v]
     if changed:
@@ -158,7 +164,7 @@ def raw_fit(config, device, train_loader, valid_loader):
         model.train()
         train_loader.set_epoch(epoch)
         for data, target in itertools.islice(train_loader, steps_per_epoch):
-            data, target = data.to(device), target.to(device)
+            data, target = data.to(device, non_blocking=True), target.to(device, non_blocking=True)
             optimizer.zero_grad()
             loss = criterion(model(data), target)
             loss.backward()
@@ -171,9 +177,10 @@ def raw_fit(config, device, train_loader, valid_loader):
             sums, n = torch.zeros(1 + len(metrics), device=device), 0
             with torch.no_grad():
                 for data, target in valid_loader:
-                    data, target = data.to(device), target.to(device)
+                    data, target = data.to(device, non_blocking=True), target.to(device, non_blocking=True)
                     output = model(data)
-                    sums += torch.stack([criterion(output, target), *(m(output, target) for m in metrics)]) * len(target)
+                    values = torch.stack([criterion(output, target), *(m(output, target) for m in metrics)])
+                    sums += values * len(target)
                     n += len(target)
             val_loss = (sums / n).tolist()[0]
         if scheduler is not None and not per_step:
@@ -181,11 +188,13 @@ def raw_fit(config, device, train_loader, valid_loader):
                 scheduler.step(val_loss)
             else:
                 scheduler.step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()  # the Trainer ends on a host sync too (its epoch averages)
     return model, steps, time.perf_counter() - start
 
 
 def trainer_fit(config, device, train_loader, valid_loader, show_output=False, profiler=None):
-    """The template's Trainer with the config's settings. Returns (model, optimizer steps taken, seconds)."""
+    """The template's Trainer with the config's settings. Returns (model, optimizer steps, seconds)."""
     model, criterion, metrics, optimizer, scheduler = build(config, device)
     config.make_run_dirs()
     try:
