@@ -1,6 +1,7 @@
 """Per-epoch outputs of a run: TensorBoard event files and metrics.csv."""
 import csv
 import io
+import os
 from pathlib import Path
 
 from utils.util import atomic_write_text
@@ -30,8 +31,9 @@ class TensorboardWriter:
 
 
 class MetricsCSV:
-    """metrics.csv: one row per epoch. Each write replaces the file atomically, so it is never half
-    a row; a resumed run first drops the rows after its checkpoint's epoch."""
+    """metrics.csv: one row per epoch, appended (and fsync'ed) after the epoch and before its
+    checkpoint. A resumed run first rewrites the file atomically without the rows after its
+    checkpoint's epoch, which also drops a row a crash may have cut short."""
 
     def __init__(self, path):
         self.path = Path(path)
@@ -47,7 +49,16 @@ class MetricsCSV:
         self._write(rows)
 
     def append(self, row: dict):
-        self._write(self.rows() + [row])
+        if not self.path.is_file() or self._header() != list(row):
+            return self._write(self.rows() + [row])  # new file, or new columns: rewrite it whole
+        with open(self.path, "a", newline="") as f:
+            csv.DictWriter(f, fieldnames=list(row), lineterminator="\n").writerow(row)
+            f.flush()
+            os.fsync(f.fileno())
+
+    def _header(self):
+        with open(self.path, newline="") as f:
+            return next(csv.reader(f), [])
 
     def _write(self, rows):
         fields = list(dict.fromkeys(k for r in rows for k in r))

@@ -78,6 +78,7 @@ class Trainer(BaseTrainer):
         if (self.mnt_metric or "").startswith("val_") and valid_data_loader is None:
             raise ConfigError(f"trainer.monitor: {self.mnt_metric} needs a validation split, "
                               "but the data loader has none (data_loader.args.validation_split)")
+        self.distributed = dist.is_distributed()
         self._sample_images = None
         self._progress = None  # (batches_done, sums, n_samples) of an epoch resumed mid-way
 
@@ -142,7 +143,7 @@ class Trainer(BaseTrainer):
             with self.autocast():
                 output = self.model(data)
                 loss = self.criterion(output, target)
-            self.scaler.scale(loss / self.accumulate_steps).backward()
+            self.scaler.scale(loss / self.accumulate_steps if self.accumulate_steps > 1 else loss).backward()
             sums += self._batch_values(loss, output, target) * len(target)
             n_samples += len(target)
             bar.update()
@@ -186,7 +187,7 @@ class Trainer(BaseTrainer):
         """Whether a signal asked to stop. Under torchrun the processes must stop at the same step,
         so they agree on it (a collective) every log_step steps."""
         requested = self.stop_request.signum is not None
-        if not dist.is_distributed():
+        if not self.distributed:
             return requested
         return self.global_step % self.log_step == 0 and dist.any_process(requested, self.device)
 
