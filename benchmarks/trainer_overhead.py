@@ -153,25 +153,43 @@ def build(config, device):
     return model, criterion, metrics, optimizer, scheduler
 
 
-def raw_fit(config, device, train_loader, valid_loader):
-    """The loop a user writes by hand. Returns (model, optimizer steps taken, seconds)."""
+def raw_fit(config, device, train_loader, valid_loader, save_dir=None):
+    """The loop a user writes by hand. Returns (model, optimizer steps taken, seconds).
+
+    It does the work the config asks for, as a hand-written loop would: the configured metrics on
+    every training batch (summed on the device, read once per epoch), a validation pass, and with
+    `save_dir` a torch.save of model and optimizer at the epochs the Trainer saves at (every
+    save_period, the last epoch, and whenever the monitored metric improves). save_dir=None (--bare)
+    leaves out the training metrics and the saves.
+    """
     model, criterion, metrics, optimizer, scheduler = build(config, device)
+    t = config["trainer"]
     per_step = scheduler is not None and config["lr_scheduler"]["interval"] == "step"
-    steps_per_epoch = config["trainer"]["len_epoch"]  # None: a full pass (timed runs); set for the warm-up
+    steps_per_epoch = t["len_epoch"]  # None: a full pass (timed runs); set for the warm-up
+    mode, monitored = t["monitor"].split() if t["monitor"] != "off" else ("off", None)
+    best = float("inf") if mode == "min" else float("-inf")
+    if save_dir is not None:
+        save_dir.mkdir(parents=True, exist_ok=True)
     steps = 0
     start = time.perf_counter()
-    for epoch in range(config["trainer"]["epochs"]):
+    for epoch in range(1, t["epochs"] + 1):
         model.train()
-        train_loader.set_epoch(epoch)
+        train_loader.set_epoch(epoch - 1)
+        train_sums, n_train = torch.zeros(1 + len(metrics), device=device), 0
         for data, target in itertools.islice(train_loader, steps_per_epoch):
             data, target = data.to(device, non_blocking=True), target.to(device, non_blocking=True)
             optimizer.zero_grad()
-            loss = criterion(model(data), target)
+            output = model(data)
+            loss = criterion(output, target)
             loss.backward()
             optimizer.step()
             if per_step:
                 scheduler.step()
             steps += 1
+            if save_dir is not None:
+                train_sums += torch.stack([loss.detach(), *(m(output, target) for m in metrics)]) * len(target)
+                n_train += len(target)
+        log = dict(zip(["loss", *config["metrics"]], (train_sums / max(n_train, 1)).tolist()))
         if valid_loader is not None:
             model.eval()
             sums, n = torch.zeros(1 + len(metrics), device=device), 0
@@ -182,12 +200,19 @@ def raw_fit(config, device, train_loader, valid_loader):
                     values = torch.stack([criterion(output, target), *(m(output, target) for m in metrics)])
                     sums += values * len(target)
                     n += len(target)
-            val_loss = (sums / n).tolist()[0]
+            log.update(zip(["val_loss", *("val_" + m for m in config["metrics"])], (sums / n).tolist()))
         if scheduler is not None and not per_step:
             if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-                scheduler.step(val_loss)
+                scheduler.step(log[monitored])
             else:
                 scheduler.step()
+        if save_dir is not None:
+            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict()}
+            if epoch % t["save_period"] == 0 or epoch == t["epochs"]:
+                torch.save(state, save_dir / f"checkpoint-epoch{epoch}.pth")
+            if mode != "off" and (log[monitored] < best if mode == "min" else log[monitored] > best):
+                best = log[monitored]
+                torch.save(state, save_dir / "model_best.pth")
     if device.type == "cuda":
         torch.cuda.synchronize()  # the Trainer ends on a host sync too (its epoch averages)
     return model, steps, time.perf_counter() - start
@@ -229,7 +254,8 @@ def bench(name, args, device, tmp):
         config = make_config(raw, tmp / name, n_epochs, f"run{i}_{side}", len_epoch)
         gc.collect()
         if side == "raw":
-            return raw_fit(config, device, train_loader, valid_loader)
+            save_dir = None if args.bare else tmp / name / f"raw{i}"
+            return raw_fit(config, device, train_loader, valid_loader, save_dir)
         return trainer_fit(config, device, train_loader, valid_loader, args.show_output, profiler)
 
     for side in ("raw", "trainer"):  # untimed warm-up: imports, allocator and oneDNN caches
@@ -265,6 +291,25 @@ def bench(name, args, device, tmp):
             min(ratios), max(ratios), max(trainer_rates) / max(raw_rates))
 
 
+IMPORT_PROBE = """
+import time
+t0 = time.perf_counter()
+import torch
+t1 = time.perf_counter()
+import train, test, parse_config, trainer, logger, utils, base, model.model, model.loss, model.metric
+import data_loader.data_loaders
+print(t1 - t0, time.perf_counter() - t1)
+"""
+
+
+def import_overhead():
+    """(seconds to import torch, seconds the template's own modules add), medians of 5 fresh processes."""
+    import subprocess
+    times = [subprocess.run([sys.executable, "-c", IMPORT_PROBE], cwd=REPO, capture_output=True, text=True,
+                            check=True).stdout.split() for _ in range(5)]
+    return statistics.median(float(t[0]) for t in times), statistics.median(float(t[1]) for t in times)
+
+
 def load_average() -> str:
     """The 1-minute load average: above the thread count, other processes share the CPU and the runs are noisy."""
     try:
@@ -292,6 +337,8 @@ def parse_args(argv=None):
                    help="torch.set_num_threads for both sides (default: torch's default here)")
     p.add_argument("--show-output", action="store_true", help="let the Trainer's logs and bars reach the console")
     p.add_argument("--profile", action="store_true", help="also cProfile one Trainer run per workload")
+    p.add_argument("--bare", action="store_true",
+                   help="raw loop without training metrics and checkpoint saves (shows what those cost)")
     args = p.parse_args(argv)
     if args.runs < 1 or (args.epochs is not None and args.epochs < 1):
         p.error("--runs and --epochs must be >= 1")
@@ -310,7 +357,10 @@ def main(argv=None):
         shutil.rmtree(tmp, ignore_errors=True)
 
     print(f"\ntorch {torch.__version__} | CPU: {cpu_model()} | device: {device} | threads: {torch.get_num_threads()} "
-          f"| median of {args.runs} alternating runs")
+          f"| median of {args.runs} alternating runs | raw loop: {'bare' if args.bare else 'same metrics and saves'}")
+    torch_s, template_s = import_overhead()
+    print(f"import torch: {torch_s:.3f} s; importing the template's modules on top of it: {template_s:.3f} s "
+          "(median of 5 fresh interpreters)")
     print("\n| workload | raw samples/s | trainer samples/s | ratio trainer/raw | ratio range | best/best |")
     print("|---|---:|---:|---:|---:|---:|")
     for name, (raw_rate, tr_rate, ratio, low, high, best) in results.items():

@@ -1,7 +1,6 @@
 """Per-epoch outputs of a run: TensorBoard event files and metrics.csv."""
 import csv
 import io
-import os
 from pathlib import Path
 
 from utils.util import atomic_write_text
@@ -31,9 +30,10 @@ class TensorboardWriter:
 
 
 class MetricsCSV:
-    """metrics.csv: one row per epoch, appended (and fsync'ed) after the epoch and before its
-    checkpoint. A resumed run first rewrites the file atomically without the rows after its
-    checkpoint's epoch, which also drops a row a crash may have cut short."""
+    """metrics.csv: one row per epoch, appended after the epoch and before its checkpoint. A resumed
+    run first rewrites the file atomically without the rows after its checkpoint's epoch, which also
+    drops a row a crash may have cut short. (Rows are flushed, not fsync'ed: a power cut may lose
+    the last ones; the checkpoints, which are fsync'ed, are what a resume relies on.)"""
 
     def __init__(self, path):
         self.path = Path(path)
@@ -53,8 +53,6 @@ class MetricsCSV:
             return self._write(self.rows() + [row])  # new file, or new columns: rewrite it whole
         with open(self.path, "a", newline="") as f:
             csv.DictWriter(f, fieldnames=list(row), lineterminator="\n").writerow(row)
-            f.flush()
-            os.fsync(f.fileno())
 
     def _header(self):
         with open(self.path, newline="") as f:
