@@ -171,7 +171,7 @@ def _check_type(value, types, where):
         or (float in types and type(value) is int)
     if not ok:
         names = " or ".join("null" if t is type(None) else t.__name__ for t in types)
-        raise ConfigError(f"{where}: expected {names}, got {json.dumps(value)}")
+        raise ConfigError(f"{where}: expected {names}, got {json.dumps(value, default=str)}")
 
 
 def with_defaults(raw):
@@ -252,6 +252,9 @@ def validate(config):
         if sched["type"] == "ReduceLROnPlateau" and (mode == "off" or sched["interval"] != "epoch"):
             raise ConfigError("lr_scheduler: ReduceLROnPlateau needs trainer.monitor (it steps on the monitored "
                               "metric) and interval 'epoch'")
+        if sched["type"] == "ReduceLROnPlateau" and sched["args"].get("mode", "min") != mode:
+            raise ConfigError(f"lr_scheduler.args.mode: must match trainer.monitor's {mode!r}, or the learning "
+                              "rate is cut while the metric improves")
     return config
 
 
@@ -270,6 +273,8 @@ class ConfigParser:
         config = with_defaults(config)  # an added (+) key is still checked against the schema
         self.config = validate(config)
         self.resume = resume
+        if run_id is not None and (not run_id or any(c in run_id for c in "/\\") or run_id in (".", "..")):
+            raise ConfigError(f"--run-id: {run_id!r} must be a non-empty name without path separators")
         self.run_id = run_id or datetime.now().strftime("%Y%m%d_%H%M%S")
         self._run_id_given = run_id is not None
         self.save_root = Path(run_root) if run_root else Path(self.config["trainer"]["save_dir"])
@@ -285,13 +290,21 @@ class ConfigParser:
     def log_dir(self) -> Path:
         return self.save_root / "log" / self.config["name"] / self.run_id
 
-    def make_run_dirs(self) -> None:
+    def make_run_dirs(self, reuse=False) -> None:
         """Create the run's directories and write the resolved config into them.
 
         A new run claims its directory with an exclusive mkdir; a run id taken by a run started in
-        the same second gets a numeric suffix, and an id given by --run-id that is taken is an error.
+        the same second gets a numeric suffix, and an id given by --run-id that is taken is an error
+        (unless `reuse`: --auto-resume restarting a run that died before its first checkpoint).
         """
-        if not self.resume:
+        try:
+            self._make_run_dirs(reuse)
+        except OSError as e:
+            raise ConfigError(f"trainer.save_dir: cannot create the run's directories in {self.save_root}: "
+                              f"{e.strerror}") from None
+
+    def _make_run_dirs(self, reuse):
+        if not self.resume and not reuse:
             base, n = self.run_id, 0
             self.save_dir.parent.mkdir(parents=True, exist_ok=True)
             while True:
@@ -323,7 +336,8 @@ class ConfigParser:
         try:
             return cls(*args, **spec["args"], **kwargs)
         except (TypeError, ValueError) as e:  # how constructors reject a bad value
-            raise ConfigError(f"{section}.args: {spec['type']} rejected {json.dumps(spec['args'])}: {e}") from None
+            raise ConfigError(f"{section}.args: {spec['type']} rejected {json.dumps(spec['args'], default=str)}: "
+                              f"{e}") from None
 
     def init_ftn(self, section, name):
         """The loss or metric function called `name`."""

@@ -14,7 +14,7 @@ from parse_config import ConfigParser, load_config_file
 from trainer import Trainer
 from utils import prepare_device, seed_everything
 from utils.checkpoint import find_checkpoint, latest_checkpoint, load_checkpoint, load_model_state
-from utils.errors import ConfigError, TrainingError
+from utils.errors import ConfigError, TrainingError, UserError
 from utils.preemption import Preempted
 
 
@@ -45,8 +45,21 @@ def parse_args(argv=None):
 
 
 # What a resumed run takes from its checkpoint: overriding these would be silently undone (the
-# optimizer's state holds its lr) or would make the run a different one.
-FIXED_ON_RESUME = ("name", "seed", "arch", "optimizer", "lr_scheduler")
+# optimizer's state holds its lr), would move the run's place in the data, or would make it a
+# different run. (data_loader.args.num_workers may change: it does not change the batches.)
+FIXED_ON_RESUME = ("name", "seed", "arch", "optimizer", "lr_scheduler", "loss", "data_loader",
+                   "trainer.monitor", "trainer.len_epoch", "trainer.accumulate_steps")
+
+
+def _changed_on_resume(config, saved):
+    """The first FIXED_ON_RESUME key whose value differs from the checkpoint's config, or None."""
+    def get(tree, key):
+        for part in key.split("."):
+            tree = tree.get(part) if isinstance(tree, dict) else None
+        if key == "data_loader" and tree is not None:
+            tree = {**tree, "args": {k: v for k, v in tree.get("args", {}).items() if k != "num_workers"}}
+        return tree
+    return next((key for key in FIXED_ON_RESUME if get(config, key) != get(saved, key)), None)
 
 
 def run_root_of(path, checkpoint):
@@ -78,10 +91,10 @@ def build_config(args):
             raise ConfigError("--run-id: a resumed run keeps its id; use -c with -r to start a new run")
         config = ConfigParser(checkpoint["config"], args.overrides, run_id=checkpoint["run_id"],
                               resume=True, run_root=run_root_of(path, checkpoint))
-        changed = [key for key in FIXED_ON_RESUME if config[key] != checkpoint["config"][key]]
+        changed = _changed_on_resume(config.config, checkpoint["config"])
         if changed:
-            raise ConfigError(f"{changed[0]}: a resumed run keeps its {', '.join(FIXED_ON_RESUME)} (their state "
-                              "is in the checkpoint); to change them start a new run from the checkpoint with "
+            raise ConfigError(f"{changed}: a resumed run keeps its {', '.join(FIXED_ON_RESUME)} (as in its "
+                              "checkpoint); to change them start a new run from the checkpoint with "
                               "-c CONFIG -r CHECKPOINT")
     return config, checkpoint, path
 
@@ -145,10 +158,12 @@ def run(args, config, checkpoint, checkpoint_path, device, logger):
         return
 
     if dist.is_main_process():
-        config.make_run_dirs()
+        config.make_run_dirs(reuse=args.auto_resume)
         setup_logging(config.log_dir, verbosity)
     config.run_id = dist.broadcast_object(config.run_id)  # rank 0 may have added a suffix
-    logger.info("Run %s: checkpoints in %s, logs in %s", config.run_id, config.save_dir, config.log_dir)
+    start = f"resumed from {checkpoint_path}" if config.resume else \
+        f"fine-tuning from {checkpoint_path}" if checkpoint is not None else "from scratch"
+    logger.info("Run %s (%s): checkpoints in %s, logs in %s", config.run_id, start, config.save_dir, config.log_dir)
     try:
         trainer.train()
     except Preempted as e:
@@ -156,6 +171,9 @@ def run(args, config, checkpoint, checkpoint_path, device, logger):
     except TrainingError as e:
         logger.error("error: %s", e)  # one line, on the console and in info.log
         sys.exit(1)
+    except UserError as e:  # e.g. a dataset's DataError found only while iterating
+        logger.error("error: %s", e)
+        raise
     except Exception:
         logger.exception("Training failed")  # a bug: keep the traceback in info.log
         raise

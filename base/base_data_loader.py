@@ -4,6 +4,7 @@ Because the order depends on nothing else, resuming needs only the epoch and the
 batches already taken: no generator state, and no replay of the batches already done.
 """
 import math
+import signal
 
 import torch
 from torch.utils.data import DataLoader, Dataset, TensorDataset
@@ -53,6 +54,13 @@ class EpochBatchSampler:
         return iter(batches[self.start_batch:])
 
 
+def _ignore_stop_signals(worker_id):
+    """In DataLoader workers: leave SIGINT / SIGTERM to the main process, which finishes the step and
+    saves; a scheduler or Ctrl-C signalling the whole process group must not kill the workers first."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 class BaseDataLoader:
     """Iterates (data, target) batches of `dataset` in the order of an EpochBatchSampler.
 
@@ -77,7 +85,8 @@ class BaseDataLoader:
             # or a resumed run would see different dropout masks than an uninterrupted one.
             self._loader = DataLoader(dataset, batch_sampler=self.sampler, num_workers=num_workers,
                                       pin_memory=self.pin_memory, persistent_workers=num_workers > 0,
-                                      generator=torch.Generator().manual_seed(seed))
+                                      generator=torch.Generator().manual_seed(seed),
+                                      worker_init_fn=_ignore_stop_signals)
 
     @property
     def n_samples(self) -> int:

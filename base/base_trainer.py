@@ -5,14 +5,15 @@ Subclasses implement _train_epoch(epoch) -> dict of that epoch's numbers (see tr
 import logging
 import math
 import signal
-
 from pathlib import Path
 
-import utils.dist as dist
+import torch
 
+import utils.dist as dist
 from logger.visualization import MetricsCSV, TensorboardWriter
-from utils.checkpoint import checkpoint_name, list_checkpoints, load_model_state, serialize
-from utils.errors import CheckpointError, ConfigError, TrainingError
+from utils.checkpoint import (checkpoint_name, list_checkpoints, load_model_state, position_of, serialize,
+                              supersede_after)
+from utils.errors import ConfigError, TrainingError
 from utils.preemption import Preempted, StopRequest
 from utils.util import atomic_write_bytes, get_rng_state, set_rng_state, unwrap_model
 
@@ -167,6 +168,8 @@ class BaseTrainer:
             self.csv.truncate(self.epoch)
             for stale in Path(self.config.save_dir).glob(".*.tmp"):  # a save cut short by a crash
                 stale.unlink()
+            for moved in supersede_after(self.config.save_dir, self._resumed_at):
+                self.logger.info("Moved %s, saved after the resumed checkpoint, to superseded/", moved.name)
         if self.config["trainer"]["tensorboard"]:
             self.writer = TensorboardWriter(log_dir, purge_step=self.global_step + 1 if self.config.resume else None)
 
@@ -205,6 +208,9 @@ class BaseTrainer:
         checkpoints beyond keep_last are deleted only after the new one is on disk."""
         if not (periodic or best):
             return None
+        if not all(torch.isfinite(p).all() for p in self.model.parameters()):  # one host sync per tensor
+            raise TrainingError(f"non-finite weights in epoch {epoch} after step {self.global_step}; no checkpoint "
+                                "of them was written")
         checkpoint = self._checkpoint(epoch, trainer_state)  # under torchrun, every process takes part
         path = self.config.save_dir / (checkpoint_name(epoch, step) if periodic else "model_best.pth")
         if not dist.is_main_process():
@@ -232,6 +238,7 @@ class BaseTrainer:
         if self.scaler is not None and checkpoint["scaler"]:
             self.scaler.load_state_dict(checkpoint["scaler"])
         self.load_state_dict(checkpoint["trainer"])
+        self._resumed_at = position_of(checkpoint)
         if len(checkpoint["rng"]) == dist.world_size():
             set_rng_state(checkpoint["rng"][dist.rank()])
         else:

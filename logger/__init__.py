@@ -1,2 +1,2 @@
-from logger.logger import get_logger, setup_logging
+from logger.logger import setup_logging
 from logger.visualization import MetricsCSV, TensorboardWriter

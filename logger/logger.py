@@ -22,9 +22,3 @@ def setup_logging(log_dir=None, verbosity=2):
         elif handler.get("class") == "logging.StreamHandler":
             handler["level"] = logging.getLevelName(LOG_LEVELS[verbosity])
     logging.config.dictConfig(config)
-
-
-def get_logger(name, verbosity=2):
-    logger = logging.getLogger(name)
-    logger.setLevel(LOG_LEVELS[verbosity])
-    return logger

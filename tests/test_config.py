@@ -287,3 +287,32 @@ def test_cli_rejects_dangerous_type_name(tmp_path):
     result = run_train("-c", "config.json", f"trainer.save_dir={tmp_path / 'saved'}", "arch.type=os.system")
     assert_user_error(result, "arch.type: unknown name 'os.system'", "DigitsModel")
     assert not (tmp_path / "saved").exists()
+
+
+# ---- later fixes: mistakes that used to slip through -------------------------------------------
+
+def test_plateau_scheduler_mode_must_match_the_monitor():
+    with pytest.raises(ConfigError, match=r"lr_scheduler\.args\.mode: must match trainer\.monitor's 'max'"):
+        parse(None, 'lr_scheduler={"type": "ReduceLROnPlateau", "args": {}}')
+    parse(None, 'lr_scheduler={"type": "ReduceLROnPlateau", "args": {"mode": "max"}}')
+
+
+@pytest.mark.parametrize("run_id", ["../x", "a/b", ".."])
+def test_run_id_is_a_plain_name(tmp_path, capsys, run_id):
+    code, err = main_error(train_script.main, ["-c", "config.json", "--run-id", run_id,
+                                               f"trainer.save_dir={tmp_path / 'saved'}"], capsys)
+    assert code == 2 and err.startswith("error: --run-id:") and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "saved").exists()
+
+
+def test_a_save_dir_that_is_a_file_is_one_line(tmp_path):
+    (tmp_path / "file").write_text("")
+    result = run_train("-c", "config.json", f"trainer.save_dir={tmp_path / 'file'}", "trainer.epochs=1")
+    assert_user_error(result, "trainer.save_dir: cannot create the run's directories")
+
+
+@pytest.mark.parametrize("override", ["trainer.monitor=off", "data_loader.args.batch_size=16",
+                                      "trainer.len_epoch=5", "trainer.accumulate_steps=2", "loss=cross_entropy"])
+def test_resume_refuses_changes_that_would_alter_the_run(digits_run, override):
+    result = run_train("-r", digits_run.model_dir, override)
+    assert_user_error(result, "a resumed run keeps its")

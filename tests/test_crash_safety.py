@@ -1,12 +1,9 @@
 """Crash safety: atomic checkpoints under SIGKILL, retention, non-finite loss, bad checkpoint files."""
-import math
-import os
 import pickle
 import signal
 import subprocess
 import sys
 import time
-import zipfile
 
 import pytest
 import torch

@@ -86,12 +86,14 @@ def test_mid_epoch_resume_takes_the_next_batch_without_replay():
     assert all((a == b).all() for a, b in zip(rest, full[7:]))
 
 
-def start_training(save_dir, *extra):
-    """train.py in a subprocess with unbuffered output, logging every step."""
+def start_training(save_dir, *extra, new_session=False):
+    """train.py in a subprocess with unbuffered output, logging every step (in a process group of
+    its own with new_session)."""
     env = dict(THREADS_ENV, PYTHONUNBUFFERED="1")  # the thread count of every other run here: it sets the sums' order
     cmd = [sys.executable, str(ROOT / "train.py"), "-c", "config.json", "--run-id", "s",
            f"trainer.save_dir={save_dir}", *COMMON, "trainer.log_step=1", "trainer.verbosity=2", *extra]
-    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=new_session)
 
 
 def wait_for_line(proc, text):
@@ -163,3 +165,41 @@ def test_resume_refuses_to_override_what_the_checkpoint_fixes(digits_run):
     result = run_train("-r", digits_run.model_dir, "optimizer.args.lr=0.5")
     assert result.returncode == 2
     assert "a resumed run keeps its" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_sigterm_to_the_process_group_with_workers_still_saves(tmp_path):
+    """A scheduler (or Ctrl-C) signals every process of the job, DataLoader workers included."""
+    save_dir = tmp_path / "saved"
+    proc = start_training(save_dir, "trainer.epochs=3", "data_loader.args.num_workers=2", new_session=True)
+    wait_for_line(proc, "Train epoch 1 [5/40]")
+    os.killpg(proc.pid, signal.SIGTERM)  # the session leader's pid is the group's id
+    out = proc.stdout.read()
+    assert proc.wait(timeout=60) == 143, out
+    assert "Traceback" not in out
+    assert [p for p in Run(save_dir, "s").pth_files() if "-step" in p], out
+
+
+def test_resuming_an_earlier_checkpoint_sets_the_later_ones_aside(straight, tmp_path):
+    """Resuming from epoch 1 abandons epochs 2-3 of the old run: their checkpoints move to
+    superseded/, so neither -r RUN_DIR nor keep_last acts on them."""
+    run = copy_run(straight, tmp_path / "saved")
+    assert_ok(run_train("-r", run.model_dir / "checkpoint-epoch1.pth", "trainer.epochs=2", "trainer.keep_last=1"))
+    assert {p for p in run.pth_files() if p.startswith("checkpoint")} == {"checkpoint-epoch2.pth"}
+    assert (run.model_dir / "superseded" / "checkpoint-epoch3.pth").exists()
+    assert run.checkpoint("checkpoint-epoch2.pth")["trainer"]["epoch"] == 2
+    assert [int(r["epoch"]) for r in run.metrics()] == [1, 2]
+
+
+def test_auto_resume_restarts_a_named_run_that_died_before_its_first_checkpoint(tmp_path):
+    save_dir = tmp_path / "saved"
+    (save_dir / "models" / "Digits_CNN" / "job7").mkdir(parents=True)  # created, then killed
+    assert_ok(run_train("-c", "config.json", "--auto-resume", "--run-id", "job7", f"trainer.save_dir={save_dir}",
+                        "trainer.epochs=1", *COMMON))
+    assert "checkpoint-epoch1.pth" in Run(save_dir, "job7").pth_files()
+
+
+def test_dry_run_of_a_checkpoint_saved_mid_epoch(straight, tmp_path):
+    run = copy_run(straight, tmp_path / "saved")
+    before = sorted(p.name for p in run.model_dir.iterdir())
+    assert_ok(run_train("-r", run.model_dir / "checkpoint-epoch2-step45.pth", "--dry-run"))
+    assert sorted(p.name for p in run.model_dir.iterdir()) == before

@@ -127,28 +127,35 @@ class Trainer(BaseTrainer):
         return log
 
     def _train_phase(self, epoch, max_batches=None):
-        """Train one epoch; the averages of loss and metrics, weighted by batch size, and the sample count."""
+        """Train one epoch; the averages of loss and metrics, weighted by batch size, and the number
+        of samples trained in this call (a resumed epoch counts only the rest)."""
         self.model.train()
         n_batches = min(self.batches_per_epoch, max_batches or self.batches_per_epoch)
         done, sums, n_samples = self._progress or (0, torch.zeros(len(self.metric_names), device=self.device), 0)
         self._progress = None
+        restored = n_samples
         batches = itertools.islice(self._batch_stream((epoch - 1) * self.batches_per_epoch + done), n_batches - done)
         bar = progress_bar(total=n_batches, initial=done, desc=f"Epoch {epoch} train")
         for batch_idx, (data, target) in enumerate(batches, start=done):
             data = data.to(self.device, non_blocking=True)
             target = target.to(self.device, non_blocking=True)
+            window_start = batch_idx - batch_idx % self.accumulate_steps
+            window = min(self.accumulate_steps, n_batches - window_start)  # the epoch's last may be short
+            last_in_window = batch_idx + 1 == window_start + window
 
-            if batch_idx % self.accumulate_steps == 0:  # a new optimizer step begins
+            if batch_idx == window_start:  # a new optimizer step begins
                 self.optimizer.zero_grad(set_to_none=True)
-            with self.autocast():
-                output = self.model(data)
-                loss = self.criterion(output, target)
-            self.scaler.scale(loss / self.accumulate_steps if self.accumulate_steps > 1 else loss).backward()
-            sums += self._batch_values(loss, output, target) * len(target)
+            # DDP: average gradients across processes only on the window's last backward
+            with contextlib.nullcontext() if last_in_window or not self.distributed else self.model.no_sync():
+                with self.autocast():
+                    output = self.model(data)
+                    loss = self.criterion(output, target)
+                self.scaler.scale(loss / window if window > 1 else loss).backward()
+            sums += batch_values(loss, output, target, self.metric_ftns, self.device) * len(target)
             n_samples += len(target)
             bar.update()
-            if (batch_idx + 1) % self.accumulate_steps and batch_idx + 1 < n_batches:
-                continue  # more micro-batches to accumulate before stepping
+            if not last_in_window:
+                continue
             if self.clip_grad_norm:
                 self.scaler.unscale_(self.optimizer)
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip_grad_norm)
@@ -162,7 +169,7 @@ class Trainer(BaseTrainer):
                 self._sample_images = data
             self._after_step(epoch, batch_idx + 1, n_batches, loss, sums, n_samples, bar)
         bar.close()
-        return self._averages(sums, n_samples), n_samples
+        return averages(self.metric_names, sums, n_samples), n_samples - restored
 
     def _after_step(self, epoch, batches_done, n_batches, loss, sums, n_samples, bar):
         """After an optimizer step: progress logging every log_step steps; a mid-epoch checkpoint
@@ -173,9 +180,6 @@ class Trainer(BaseTrainer):
         due = self.save_every_steps and self.global_step % self.save_every_steps == 0 and batches_done < n_batches
         if not (stop or due):
             return
-        if not math.isfinite(sums[0].item()):  # never checkpoint weights a non-finite loss has touched
-            raise TrainingError(f"non-finite training loss in epoch {epoch} by step {self.global_step}; "
-                                "no checkpoint of these weights was written")
         state = self.state_dict()
         partial = dist.gather_objects({"sums": sums.cpu(), "n_samples": n_samples})
         state.update(batches_done=batches_done, partial=partial)
@@ -189,7 +193,8 @@ class Trainer(BaseTrainer):
         requested = self.stop_request.signum is not None
         if not self.distributed:
             return requested
-        return self.global_step % self.log_step == 0 and dist.any_process(requested, self.device)
+        # the same steps _log_progress syncs on, so no extra host sync
+        return (self.global_step - 1) % self.log_step == 0 and dist.any_process(requested, self.device)
 
     def _valid_phase(self, epoch, max_batches=None):
         """Evaluate on the validation split; averages weighted by batch size."""
@@ -197,20 +202,14 @@ class Trainer(BaseTrainer):
         bar = progress_bar(batches, total=max_batches or len(self.valid_data_loader), desc=f"Epoch {epoch} valid")
         return evaluate(self.model, bar, self.criterion, self.metric_ftns, self.device, self.autocast)
 
-    def _batch_values(self, loss, output, target):
-        return batch_values(loss, output, target, self.metric_ftns, self.device)
-
-    def _averages(self, sums, n_samples) -> dict:
-        return averages(self.metric_names, sums, n_samples)
-
     def _log_progress(self, bar, epoch, batches_done, n_batches, loss, running):
         # note: a host-device sync point; it runs only every log_step steps
-        step_loss, *averages = torch.cat([loss.detach().float().view(1), running]).tolist()
-        if not math.isfinite(averages[0]):  # the running mean covers every step of the epoch so far
+        step_loss, *running_means = torch.cat([loss.detach().float().view(1), running]).tolist()
+        if not math.isfinite(running_means[0]):  # the running mean covers every step of the epoch so far
             raise TrainingError(f"non-finite training loss in epoch {epoch}, at or before step {self.global_step} "
                                 f"(checked every trainer.log_step={self.log_step} steps); no checkpoint of "
                                 "these weights was written")
-        bar.set_postfix({name: f"{v:.4f}" for name, v in zip(self.metric_names[:2], averages)}, refresh=False)
+        bar.set_postfix({name: f"{v:.4f}" for name, v in zip(self.metric_names[:2], running_means)}, refresh=False)
         self.logger.debug("Train epoch %d [%d/%d] loss: %.6f", epoch, batches_done, n_batches, step_loss)
         if self.writer is not None:
             self.writer.add_scalars("train_step", {"loss": step_loss}, self.global_step)
@@ -218,8 +217,9 @@ class Trainer(BaseTrainer):
     def dry_run(self, batches=2):
         """Train `batches` batches and validate on `batches` batches; write nothing."""
         self.save_every_steps = 0  # no mid-epoch checkpoints: a dry run has no run directory
-        train, _ = self._train_phase(1, max_batches=batches)
+        self._progress = None  # from the first batch of the next epoch, even when resuming mid-epoch
+        train, _ = self._train_phase(self.epoch + 1, max_batches=batches)
         self.logger.info("dry run: %d training batches: %s", batches, train)
         if self.valid_data_loader is not None:
-            valid = self._valid_phase(1, max_batches=batches)
+            valid = self._valid_phase(self.epoch + 1, max_batches=batches)
             self.logger.info("dry run: %d validation batches: %s", batches, valid)

@@ -27,6 +27,24 @@ def _position(path: Path):
     return (int(m.group(1)), 1 if m.group(2) is None else 0, int(m.group(2) or 0))
 
 
+def position_of(checkpoint: dict):
+    """Where in training a loaded checkpoint stands, comparable with the file names' positions."""
+    if checkpoint["trainer"].get("batches_done"):
+        return (checkpoint["epoch"], 0, checkpoint["trainer"]["global_step"])
+    return (checkpoint["epoch"], 1, 0)
+
+
+def supersede_after(run_dir, position) -> list:
+    """Move the run's checkpoints that lie after `position` into <run_dir>/superseded/: a run resumed
+    from an earlier point must not later resume (or prune) onto the future it abandoned."""
+    later = [p for p in list_checkpoints(run_dir) if _position(p) > position]
+    if later:
+        (Path(run_dir) / "superseded").mkdir(exist_ok=True)
+    for path in later:
+        path.replace(Path(run_dir) / "superseded" / path.name)
+    return later
+
+
 def list_checkpoints(run_dir) -> list:
     """The run's checkpoint files, oldest position first (model_best.pth excluded)."""
     return sorted((p for p in Path(run_dir).glob("checkpoint-epoch*.pth") if _NAME.match(p.name)), key=_position)
