@@ -74,13 +74,15 @@ def test_resume_from_run_directory_continues_the_same_run_bitwise(tmp_path, stra
 
 def test_resume_from_checkpoint_file_on_the_command_line(tmp_path, straight):
     """`train.py -r checkpoint-epoch1.pth` rewinds the run to epoch 1 and goes on from there:
-    metrics.csv and TensorBoard keep one entry per epoch."""
+    metrics.csv and TensorBoard keep one entry per epoch; the abandoned epoch-2 checkpoint is set
+    aside in superseded/, the only new directory."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     run = train(tmp_path / "saved", "trainer.epochs=2", "trainer.save_period=1", run_id="a")
     dirs_before = dirs(tmp_path / "saved")
     assert_ok(run_train("-r", run.model_dir / "checkpoint-epoch1.pth", "trainer.epochs=4"))
 
-    assert dirs(tmp_path / "saved") == dirs_before
+    assert dirs(tmp_path / "saved") == dirs_before | {"models/Digits_CNN/a/superseded"}
+    assert [p.name for p in (run.model_dir / "superseded").iterdir()] == ["checkpoint-epoch2.pth"]
     assert [int(r["epoch"]) for r in run.metrics()] == [1, 2, 3, 4]
     assert without_time(run.metrics()) == without_time(straight.metrics())
     assert run.pth_files() - {"model_best.pth"} == {f"checkpoint-epoch{e}.pth" for e in (1, 2, 3, 4)}
