@@ -236,15 +236,15 @@ def validate(config):
     if t["verbosity"] not in (0, 1, 2):
         raise ConfigError(f"trainer.verbosity: must be 0, 1 or 2, got {t['verbosity']}")
     _check_obj_section(config, "arch")
-    _check_obj_section(config, "data_loader", extra=())
-    _check_obj_section(config, "optimizer", extra=([],))
+    _check_obj_section(config, "data_loader")
+    _check_obj_section(config, "optimizer", extra=(None,))  # the parameters
     resolve("loss", config["loss"], "loss")
     for i, name in enumerate(config["metrics"]):
         resolve("metrics", name, f"metrics[{i}]")
     mode, _ = parse_monitor(t["monitor"], config["metrics"])
     sched = config["lr_scheduler"]
     if sched is not None:
-        _check_obj_section(config, "lr_scheduler", extra=(torch.optim.SGD([torch.zeros(1)], lr=0.1),),
+        _check_obj_section(config, "lr_scheduler", extra=(None,),  # the optimizer: bind() checks only names
                            optional_keys=("interval",))
         sched.setdefault("interval", "epoch")
         if sched["interval"] not in SCHEDULER_INTERVALS:
