@@ -3,9 +3,11 @@ validate it, and build the objects it names.
 
 Precedence: command-line overrides > the config file (or a resumed checkpoint's config) > defaults.
 Parsing has no side effects; make_run_dirs() is the one explicit step that creates directories.
+The programs hand the parser a Registry (utils/registry.py): the only names it may build.
 """
 import copy
 import difflib
+import functools
 import inspect
 import json
 from datetime import datetime
@@ -13,70 +15,30 @@ from pathlib import Path
 
 import torch
 
-import data_loader.data_loaders as module_data
-import model.loss as module_loss
-import model.metric as module_metric
-import model.model as module_arch
+from base.base_data_loader import LOADER_DEFAULTS
+from base.base_metric import snake_case
 from base.base_trainer import TRAINER_DEFAULTS, parse_monitor
-from utils.errors import ConfigError
+from utils.errors import REQUIRED, ConfigError, DataError
 
-REQUIRED = object()
-# key: (default, allowed type(s), description). The README's config reference mirrors this table.
+# key: (default, allowed type(s), description). The README's config reference mirrors these tables.
 TOP_LEVEL = {
     "name": (REQUIRED, str, "experiment name; runs go to <save_dir>/models/<name>/<run_id>"),
-    "seed": (0, int, "seeds python, numpy and torch; fixes the data split and the shuffling"),
+    "seed": (0, int, "seeds python, numpy and torch; fixes the data split, the shuffling and the augmentation"),
     "n_gpu": (1, int, "GPUs to use (0 = CPU); falls back to the CPU when none is available"),
-    "arch": (REQUIRED, dict, "the model: {type: a class in model/model.py, args: its keyword arguments}"),
-    "data_loader": (REQUIRED, dict, "the data: {type: a class in data_loader/data_loaders.py, args: ...}"),
-    "optimizer": (REQUIRED, dict, "{type: a torch.optim class, args: ...}"),
-    "loss": (REQUIRED, str, "a function in model/loss.py"),
-    "metrics": ([], list, "functions in model/metric.py, computed on training and validation batches"),
-    "lr_scheduler": (None, (dict, type(None)), "{type: a torch.optim.lr_scheduler class, args: ..., "
-                     "interval: 'epoch' or 'step'}; null = constant learning rate"),
+    "arch": (REQUIRED, dict, "the model: {type, args}"),
+    "data_loader": (REQUIRED, dict, "the data and how it is batched; see the data_loader table"),
+    "optimizer": (REQUIRED, dict, "{type: a torch.optim name, args}"),
+    "loss": (REQUIRED, (str, dict), "a loss function's name, or {type, args} of a loss class"),
+    "metrics": ([], list, "metric names (or {type, args, name}), computed over training and validation epochs"),
+    "lr_scheduler": (None, (dict, type(None)), "{type: a torch.optim.lr_scheduler name, args, interval: "
+                     "\"epoch\" or \"step\"}; null = constant learning rate"),
     "trainer": ({}, dict, "training loop settings; see the trainer table"),
 }
-SCHEDULER_INTERVALS = ("epoch", "step")
-# Constructor arguments the programs pass themselves (train.py: seed; test.py: seed, training=False).
-PROGRAM_ARGS = {"data_loader": ("seed", "training")}
-
-
-def _is_optimizer(obj):
-    return inspect.isclass(obj) and issubclass(obj, torch.optim.Optimizer) and obj is not torch.optim.Optimizer
-
-
-def _is_scheduler(obj):
-    base = torch.optim.lr_scheduler.LRScheduler
-    return inspect.isclass(obj) and (issubclass(obj, base) or obj is torch.optim.lr_scheduler.ReduceLROnPlateau) \
-        and obj is not base
-
-
-def _defined_in(module):
-    return lambda obj: callable(obj) and getattr(obj, "__module__", None) == module.__name__
-
-
-# The only places a config's `type` (or loss / metric name) is looked up: never an arbitrary import.
-SECTIONS = {
-    "arch": (module_arch, _defined_in(module_arch)),
-    "data_loader": (module_data, _defined_in(module_data)),
-    "loss": (module_loss, _defined_in(module_loss)),
-    "metrics": (module_metric, _defined_in(module_metric)),
-    "optimizer": (torch.optim, _is_optimizer),
-    "lr_scheduler": (torch.optim.lr_scheduler, _is_scheduler),
-}
-
-
-def available(section):
-    """Public names that `section` may refer to, sorted."""
-    module, accept = SECTIONS[section]
-    return sorted(n for n in dir(module) if not n.startswith("_") and accept(getattr(module, n)))
-
-
-def resolve(section, name, where):
-    """The object `name` refers to in `section`'s module, or a ConfigError listing what exists."""
-    names = available(section)
-    if not isinstance(name, str) or name not in names:
-        raise ConfigError(f"{where}: unknown name {name!r}; available: {', '.join(names)}")
-    return getattr(SECTIONS[section][0], name)
+SECTIONS = {"data_loader": LOADER_DEFAULTS, "trainer": TRAINER_DEFAULTS}
+# Where a bare name is looked up after the project's own packages.
+DEFAULT_MODULES = {"optimizer": "torch.optim", "lr_scheduler": "torch.optim.lr_scheduler",
+                   "train_transform": "torchvision.transforms.v2", "eval_transform": "torchvision.transforms.v2"}
+EXTRA_KEYS = {"valid_dataset": ("optional",), "metrics": ("name",), "lr_scheduler": ("interval",)}
 
 
 def load_config_file(path):
@@ -104,158 +66,76 @@ def load_config_file(path):
     return data
 
 
-def _key_paths(tree, prefix=""):
-    if isinstance(tree, dict):
-        for k, v in tree.items():
-            yield prefix + k
-            yield from _key_paths(v, prefix + k + ".")
+def where(path: str) -> str:
+    """'metrics.1.args' -> 'metrics[1].args': how messages name a key path."""
+    return "".join(f"[{p}]" if p.isdigit() else f".{p}" for p in path.split(".")).lstrip(".")
 
 
-def _constructor_params(config, section_path):
-    """Parameter names of the class a `<section>.args` path belongs to, if it resolves."""
-    section = section_path[0]
-    if len(section_path) != 2 or section_path[1] != "args" or section not in SECTIONS:
-        return set()
-    try:
-        cls = resolve(section, config.get(section, {}).get("type"), section)
-        return set(inspect.signature(cls).parameters)
-    except (ConfigError, AttributeError, TypeError, ValueError):
-        return set()
-
-
-def apply_override(config, item):
-    """Apply one `KEY.PATH=VALUE` (value read as JSON, else as a string); `+KEY.PATH=VALUE` adds a key."""
-    if "=" not in item:
-        raise ConfigError(f"override {item!r}: expected KEY.PATH=VALUE")
-    key, raw = item.split("=", 1)
-    add = key.startswith("+")
-    path = key.lstrip("+").split(".")
-    if not all(path):
-        raise ConfigError(f"override {item!r}: empty key in {key!r}")
-    try:
-        value = json.loads(raw)
-    except json.JSONDecodeError:
-        value = raw
+def get_path(config, path: str):
     node = config
-    for i, part in enumerate(path[:-1]):
-        if part not in node and add:
-            node[part] = {}
-        if not isinstance(node.get(part), dict):
-            return _unknown_key(config, path[:i + 1], item)
-        node = node[part]
-    settable = _constructor_params(config, path[:-1]) - set(PROGRAM_ARGS.get(path[0], ())) if len(path) > 1 else ()
-    if path[-1] not in node and not add and path[-1] not in settable:
-        return _unknown_key(config, path, item)
-    node[path[-1]] = value
+    for part in path.split("."):
+        node = node[int(part)] if isinstance(node, list) else node[part]
+    return node
 
 
-def _unknown_key(config, path, item):
-    key = ".".join(path)
-    close = difflib.get_close_matches(key, list(_key_paths(config)), n=3, cutoff=0.6)
-    hint = f"; did you mean {' or '.join(close)}?" if close else ""
-    raise ConfigError(f"override {item!r}: no key {key!r} in the config{hint} (prefix with + to add a new key)")
+def spec_of(value) -> dict:
+    """A {type, args} spec from a spec or a bare name."""
+    return {"type": value, "args": {}} if isinstance(value, str) else value
 
 
-def _check_keys(section, schema, where):
+def object_paths(config):
+    """The key path of every {type, args} (or bare name) the config asks to build."""
+    paths = ["arch", "optimizer", "loss", *(f"metrics.{i}" for i in range(len(config["metrics"])))]
+    paths += ["lr_scheduler"] * (config["lr_scheduler"] is not None)
+    data = config["data_loader"]
+    paths += [f"data_loader.{k}" for k in ("dataset", "valid_dataset", "test_dataset") if data[k] is not None]
+    for key in ("train_transform", "eval_transform"):
+        paths += [f"data_loader.{key}.{i}" for i in range(len(data[key]))]
+    return paths
+
+
+def _check_keys(section, schema, prefix):
     unknown = [k for k in section if k not in schema]
     if unknown:
-        close = [where + k for k in difflib.get_close_matches(unknown[0], list(schema), n=3, cutoff=0.6)]
+        close = [prefix + k for k in difflib.get_close_matches(unknown[0], list(schema), n=3, cutoff=0.6)]
         hint = f"; did you mean {' or '.join(close)}?" if close else f"; known keys: {', '.join(schema)}"
-        raise ConfigError(f"{where}{unknown[0]}: unknown key{hint}")
+        raise ConfigError(f"{prefix}{unknown[0]}: unknown key{hint}")
 
 
-def _check_type(value, types, where):
+def _check_type(value, types, at):
     types = types if isinstance(types, tuple) else (types,)
     # bool is an int in Python, but `epochs: true` is a mistake, not 1 epoch.
     ok = any(isinstance(value, t) and not (isinstance(value, bool) and t in (int, float)) for t in types) \
         or (float in types and type(value) is int)
     if not ok:
         names = " or ".join("null" if t is type(None) else t.__name__ for t in types)
-        raise ConfigError(f"{where}: expected {names}, got {json.dumps(value, default=str)}")
+        raise ConfigError(f"{at}: expected {names}, got {json.dumps(value, default=str)[:80]}")
 
 
 def with_defaults(raw):
-    """`raw` with every missing top-level and trainer key set to its default (a new dict)."""
+    """`raw` with every missing key of the top level, data_loader and trainer set to its default."""
     _check_keys(raw, TOP_LEVEL, "")
     config = {}
     for key, (default, types, _) in TOP_LEVEL.items():
-        if key not in raw:
-            if default is REQUIRED:
-                raise ConfigError(f"{key}: missing required key")
-            config[key] = copy.deepcopy(default)
-        else:
-            config[key] = copy.deepcopy(raw[key])
-            _check_type(config[key], types, key)
-    _check_keys(config["trainer"], TRAINER_DEFAULTS, "trainer.")
-    config["trainer"] = {k: config["trainer"].get(k, copy.deepcopy(d)) for k, (d, _, _) in TRAINER_DEFAULTS.items()}
-    return config
-
-
-def _check_obj_section(config, section, extra=(), optional_keys=()):
-    """`section` is {type, args}: the type resolves and the class accepts args (plus runtime `extra`)."""
-    spec = config[section]
-    _check_keys(spec, ("type", "args", *optional_keys), f"{section}.")
-    if "type" not in spec:
-        raise ConfigError(f"{section}.type: missing required key")
-    spec.setdefault("args", {})
-    _check_type(spec["args"], dict, f"{section}.args")
-    for name in PROGRAM_ARGS.get(section, ()):
-        if name in spec["args"]:
-            raise ConfigError(f"{section}.args.{name}: set by the program, not the config"
-                              + (" (the top-level seed is passed in)" if name == "seed" else ""))
-    cls = resolve(section, spec["type"], f"{section}.type")
-    try:
-        inspect.signature(cls).bind(*extra, **spec["args"])
-    except TypeError as e:
-        raise ConfigError(f"{section}.args: {e} (signature: {spec['type']}{inspect.signature(cls)})") from None
-
-
-def validate(config):
-    """Check everything that can be checked before building anything; raise ConfigError on the first fault."""
-    for key, (_, types, _) in TOP_LEVEL.items():
+        if key not in raw and default is REQUIRED:
+            raise ConfigError(f"{key}: missing required key")
+        config[key] = copy.deepcopy(raw.get(key, default))
         _check_type(config[key], types, key)
-    if not config["name"] or any(c in config["name"] for c in "/\\") or config["name"] in (".", ".."):
-        raise ConfigError(f"name: {config['name']!r} must be a non-empty name without path separators")
-    for key, (_, types, _) in TRAINER_DEFAULTS.items():
-        _check_type(config["trainer"][key], types, f"trainer.{key}")
-    t = config["trainer"]
-    for key, low in (("epochs", 1), ("save_period", 1), ("log_step", 1), ("early_stop", 0), ("n_gpu", 0),
-                     ("save_every_steps", 0), ("keep_last", 0), ("accumulate_steps", 1)):
-        value = config[key] if key == "n_gpu" else t[key]
-        if value < low:
-            raise ConfigError(f"{'' if key == 'n_gpu' else 'trainer.'}{key}: must be >= {low}, got {value}")
-    if t["len_epoch"] is not None and t["len_epoch"] < 1:
-        raise ConfigError(f"trainer.len_epoch: must be >= 1 or null, got {t['len_epoch']}")
-    if t["amp"] not in (None, "bf16", "fp16"):
-        raise ConfigError(f"trainer.amp: must be \"bf16\", \"fp16\" or null, got {t['amp']!r}")
-    if t["clip_grad_norm"] is not None and t["clip_grad_norm"] <= 0:
-        raise ConfigError(f"trainer.clip_grad_norm: must be > 0 or null, got {t['clip_grad_norm']}")
-    if isinstance(t["compile"], str) and t["compile"] not in torch.compiler.list_backends(exclude_tags=()):
-        raise ConfigError(f"trainer.compile: unknown backend {t['compile']!r}; available: "
-                          f"{', '.join(torch.compiler.list_backends(exclude_tags=()))}")
-    if t["verbosity"] not in (0, 1, 2):
-        raise ConfigError(f"trainer.verbosity: must be 0, 1 or 2, got {t['verbosity']}")
-    _check_obj_section(config, "arch")
-    _check_obj_section(config, "data_loader")
-    _check_obj_section(config, "optimizer", extra=(None,))  # the parameters
-    resolve("loss", config["loss"], "loss")
-    for i, name in enumerate(config["metrics"]):
-        resolve("metrics", name, f"metrics[{i}]")
-    mode, _ = parse_monitor(t["monitor"], config["metrics"])
-    sched = config["lr_scheduler"]
-    if sched is not None:
-        _check_obj_section(config, "lr_scheduler", extra=(None,),  # the optimizer: bind() checks only names
-                           optional_keys=("interval",))
-        sched.setdefault("interval", "epoch")
-        if sched["interval"] not in SCHEDULER_INTERVALS:
-            raise ConfigError(f"lr_scheduler.interval: must be 'epoch' or 'step', got {sched['interval']!r}")
-        if sched["type"] == "ReduceLROnPlateau" and (mode == "off" or sched["interval"] != "epoch"):
-            raise ConfigError("lr_scheduler: ReduceLROnPlateau needs trainer.monitor (it steps on the monitored "
-                              "metric) and interval 'epoch'")
-        if sched["type"] == "ReduceLROnPlateau" and sched["args"].get("mode", "min") != mode:
-            raise ConfigError(f"lr_scheduler.args.mode: must match trainer.monitor's {mode!r}, or the learning "
-                              "rate is cut while the metric improves")
+    for section, schema in SECTIONS.items():
+        _check_keys(config[section], schema, f"{section}.")
+        for key, (default, types, _) in schema.items():
+            if key not in config[section] and default is REQUIRED:
+                raise ConfigError(f"{section}.{key}: missing required key")
+            config[section][key] = config[section].get(key, copy.deepcopy(default))
+            _check_type(config[section][key], types, f"{section}.{key}")
     return config
+
+
+def _arg(value):
+    """A string naming a torch dtype ("torch.float32") becomes that dtype; JSON cannot hold one."""
+    if isinstance(value, str) and value.startswith("torch.") and isinstance(getattr(torch, value[6:], None), torch.dtype):
+        return getattr(torch, value[6:])
+    return value
 
 
 class ConfigParser:
@@ -263,15 +143,18 @@ class ConfigParser:
     beyond reading the config.
 
     config: the resolved config (plain data). run_id: the run's name. resume: True when this
-    continues an existing run (same run id and directories).
+    continues an existing run (same run id and directories). registry: what names may build.
     """
 
-    def __init__(self, raw: dict, overrides=(), run_id=None, resume=False, run_root=None):
-        config = with_defaults(raw)
+    def __init__(self, raw: dict, overrides=(), registry=None, run_id=None, resume=False, run_root=None):
+        if registry is None:
+            raise TypeError("ConfigParser needs the Registry of names it may build")
+        self.registry = registry
+        self.config = with_defaults(raw)
         for item in overrides:
-            apply_override(config, item)
-        config = with_defaults(config)  # an added (+) key is still checked against the schema
-        self.config = validate(config)
+            self._apply_override(item)
+        self.config = with_defaults(self.config)  # an added (+) key is still checked against the schema
+        self._validate()
         self.resume = resume
         if run_id is not None and (not run_id or any(c in run_id for c in "/\\") or run_id in (".", "..")):
             raise ConfigError(f"--run-id: {run_id!r} must be a non-empty name without path separators")
@@ -281,6 +164,174 @@ class ConfigParser:
 
     def __getitem__(self, key):
         return self.config[key]
+
+    def resolve(self, path):
+        """The class or function the spec at `path` names."""
+        section = path.split(".")[1] if path.startswith("data_loader.") else path.split(".")[0]
+        return self.registry.resolve(spec_of(get_path(self.config, path))["type"], where(path) + (
+            ".type" if isinstance(get_path(self.config, path), dict) else ""), DEFAULT_MODULES.get(section))
+
+    @property
+    def metric_names(self) -> list:
+        """What each metric is called in logs and trainer.monitor: its "name", else its snake_case name."""
+        return [m.get("name") or snake_case(m["type"].rpartition(".")[2]) for m in map(spec_of, self.config["metrics"])]
+
+    # ---- overrides and validation ---------------------------------------------------------------
+
+    def _apply_override(self, item):
+        """Apply one `KEY.PATH=VALUE` (value read as JSON, else as a string); `+KEY.PATH=VALUE` adds a key."""
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected KEY.PATH=VALUE")
+        key, raw = item.split("=", 1)
+        add = key.startswith("+")
+        path = key.lstrip("+").split(".")
+        if not all(path):
+            raise ConfigError(f"override {item!r}: empty key in {key!r}")
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        node = self.config
+        for i, part in enumerate(path[:-1]):
+            if isinstance(node, list) and part.isdigit() and int(part) < len(node):
+                node = node[int(part)]
+                continue
+            if isinstance(node, dict) and part not in node and add:
+                node[part] = {}
+            if not isinstance(node, dict) or not isinstance(node.get(part), (dict, list)):
+                return self._unknown_key(path[:i + 1], item)
+            node = node[part]
+        # A constructor argument of the class a {type, args} names may be set without +.
+        settable = len(path) > 1 and path[-2] == "args" and path[-1] in self._params(".".join(path[:-2]))
+        if not isinstance(node, dict) or (path[-1] not in node and not add and not settable):
+            return self._unknown_key(path, item)
+        node[path[-1]] = value
+
+    def _params(self, path):
+        try:
+            return set(inspect.signature(self.resolve(path)).parameters)
+        except (ConfigError, KeyError, IndexError, TypeError, ValueError):
+            return set()
+
+    def _unknown_key(self, path, item):
+        def key_paths(tree, prefix=""):
+            for k, v in tree.items() if isinstance(tree, dict) else ():
+                yield prefix + k
+                yield from key_paths(v, prefix + k + ".")
+        close = difflib.get_close_matches(".".join(path), list(key_paths(self.config)), n=3, cutoff=0.6)
+        hint = f"; did you mean {' or '.join(close)}?" if close else ""
+        raise ConfigError(f"override {item!r}: no key {'.'.join(path)!r} in the config{hint} "
+                          "(prefix with + to add a new key)")
+
+    def _validate(self):
+        """Check everything that can be checked before building anything; raise on the first fault."""
+        c, t, d = self.config, self.config["trainer"], self.config["data_loader"]
+        if not c["name"] or any(ch in c["name"] for ch in "/\\") or c["name"] in (".", ".."):
+            raise ConfigError(f"name: {c['name'][:80]!r} must be a non-empty name without path separators")
+        for key, value, low in (("n_gpu", c["n_gpu"], 0), ("trainer.epochs", t["epochs"], 1),
+                                ("trainer.save_period", t["save_period"], 1), ("trainer.log_step", t["log_step"], 1),
+                                ("trainer.early_stop", t["early_stop"], 0), ("trainer.keep_last", t["keep_last"], 0),
+                                ("trainer.save_every_steps", t["save_every_steps"], 0),
+                                ("trainer.accumulate_steps", t["accumulate_steps"], 1),
+                                ("data_loader.batch_size", d["batch_size"], 1),
+                                ("data_loader.num_workers", d["num_workers"], 0)):
+            if value < low:
+                raise ConfigError(f"{key}: must be >= {low}, got {value}")
+        for key in ("validation_split", "test_split"):
+            if not 0 <= d[key] < 1:
+                raise ConfigError(f"data_loader.{key}: must be in [0, 1), got {d[key]}")
+        if t["len_epoch"] is not None and t["len_epoch"] < 1:
+            raise ConfigError(f"trainer.len_epoch: must be >= 1 or null, got {t['len_epoch']}")
+        if t["amp"] not in (None, "bf16", "fp16"):
+            raise ConfigError(f"trainer.amp: must be \"bf16\", \"fp16\" or null, got {str(t['amp'])[:80]!r}")
+        if t["clip_grad_norm"] is not None and t["clip_grad_norm"] <= 0:
+            raise ConfigError(f"trainer.clip_grad_norm: must be > 0 or null, got {t['clip_grad_norm']}")
+        if isinstance(t["compile"], str) and t["compile"] not in torch.compiler.list_backends(exclude_tags=()):
+            raise ConfigError(f"trainer.compile: unknown backend {t['compile'][:80]!r}; available: "
+                              f"{', '.join(torch.compiler.list_backends(exclude_tags=()))}")
+        if t["verbosity"] not in (0, 1, 2):
+            raise ConfigError(f"trainer.verbosity: must be 0, 1 or 2, got {t['verbosity']}")
+        for path in object_paths(c):
+            self._check_spec(path)
+        names = self.metric_names
+        if len(set(names)) < len(names):
+            raise ConfigError(f"metrics: two metrics are named {next(n for n in names if names.count(n) > 1)!r}; "
+                              "give one a \"name\"")
+        mode, metric = parse_monitor(t["monitor"], names)
+        if (metric or "").startswith("val_") and not (d["validation_split"] or d["valid_dataset"]):
+            raise ConfigError(f"trainer.monitor: {metric} needs validation data (data_loader.validation_split "
+                              "or data_loader.valid_dataset)")
+        sched = c["lr_scheduler"]
+        if sched is not None:
+            sched.setdefault("interval", "epoch")
+            if sched["interval"] not in ("epoch", "step"):
+                raise ConfigError(f"lr_scheduler.interval: must be 'epoch' or 'step', got {str(sched['interval'])[:80]!r}")
+            if self.resolve("lr_scheduler") is torch.optim.lr_scheduler.ReduceLROnPlateau:
+                if mode == "off" or sched["interval"] != "epoch":
+                    raise ConfigError("lr_scheduler: ReduceLROnPlateau needs trainer.monitor (it steps on the "
+                                      "monitored metric) and interval 'epoch'")
+                if sched["args"].get("mode", "min") != mode:
+                    raise ConfigError(f"lr_scheduler.args.mode: must match trainer.monitor's {mode!r}, or the "
+                                      "learning rate is cut while the metric improves")
+
+    def _check_spec(self, path):
+        """The spec at `path` is a name or {type, args}; the name resolves and accepts the args."""
+        value = get_path(self.config, path)
+        if isinstance(value, str):
+            return self.resolve(path)
+        _check_type(value, dict, where(path))
+        section = path.split(".")[-2] if path.split(".")[-1].isdigit() else path.split(".")[-1]
+        _check_keys(value, ("type", "args", *EXTRA_KEYS.get(section, ())), where(path) + ".")
+        if "type" not in value:
+            raise ConfigError(f"{where(path)}.type: missing required key")
+        value.setdefault("args", {})
+        _check_type(value["args"], dict, f"{where(path)}.args")
+        obj = self.resolve(path)
+        extra = (None,) if path in ("optimizer", "lr_scheduler") else ()  # parameters / the optimizer
+        try:
+            signature = inspect.signature(obj)
+        except (TypeError, ValueError):  # some builtins have none
+            return obj
+        try:
+            (signature.bind_partial if inspect.isfunction(obj) and not path.startswith(("arch", "data_loader"))
+             else signature.bind)(*extra, **value["args"])
+        except TypeError as e:
+            raise ConfigError(f"{where(path)}.args: {e} (signature: {value['type']}{signature})") from None
+        return obj
+
+    # ---- building -------------------------------------------------------------------------------
+
+    def init_obj(self, path, *args, **kwargs):
+        """Build the spec at `path`: type(*args, **config args, **kwargs).
+
+        Runtime objects (model parameters, the optimizer) come in through args / kwargs and are
+        never merged into the config. A constructor that rejects its arguments is a one-line error.
+        """
+        spec = spec_of(get_path(self.config, path))
+        overlap = set(kwargs) & set(spec["args"])
+        if overlap:
+            raise ConfigError(f"{where(path)}.args: {', '.join(sorted(overlap))} is set by the program, not the config")
+        obj = self.resolve(path)
+        try:
+            return obj(*args, **{k: _arg(v) for k, v in spec["args"].items()}, **kwargs)
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"{where(path)}.args: {spec['type']} rejected {json.dumps(spec['args'])[:200]}: "
+                              f"{str(e)[:300]}") from None
+        except (OSError, RuntimeError) as e:  # a dataset's missing files
+            if not path.startswith("data_loader"):
+                raise
+            raise DataError(f"{where(path)}: {spec['type']} failed: {str(e).strip()[:300]}{_files_hint(obj, spec)}") \
+                from None
+
+    def init_ftn(self, path):
+        """A loss or metric: a class is instantiated with its args; a function gets them bound."""
+        obj = self.resolve(path)
+        if inspect.isclass(obj):
+            return self.init_obj(path)
+        args = spec_of(get_path(self.config, path))["args"]
+        return functools.partial(obj, **args) if args else obj
+
+    # ---- run directories ------------------------------------------------------------------------
 
     @property
     def save_dir(self) -> Path:
@@ -298,47 +349,33 @@ class ConfigParser:
         (unless `reuse`: --auto-resume restarting a run that died before its first checkpoint).
         """
         try:
-            self._make_run_dirs(reuse)
+            if not self.resume and not reuse:
+                base, n = self.run_id, 0
+                self.save_dir.parent.mkdir(parents=True, exist_ok=True)
+                while True:
+                    try:
+                        self.save_dir.mkdir()
+                        break
+                    except FileExistsError:
+                        if self._run_id_given:
+                            raise ConfigError(f"--run-id: run {base!r} already exists in {self.save_dir.parent}; "
+                                              "resume it with -r or choose another id") from None
+                        n += 1
+                        self.run_id = f"{base}_{n}"
+            self.save_dir.mkdir(parents=True, exist_ok=True)
+            self.log_dir.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise ConfigError(f"trainer.save_dir: cannot create the run's directories in {self.save_root}: "
                               f"{e.strerror}") from None
-
-    def _make_run_dirs(self, reuse):
-        if not self.resume and not reuse:
-            base, n = self.run_id, 0
-            self.save_dir.parent.mkdir(parents=True, exist_ok=True)
-            while True:
-                try:
-                    self.save_dir.mkdir()
-                    break
-                except FileExistsError:
-                    if self._run_id_given:
-                        raise ConfigError(f"--run-id: run {base!r} already exists in {self.save_dir.parent}; "
-                                          "resume it with -r or choose another id") from None
-                    n += 1
-                    self.run_id = f"{base}_{n}"
-        self.save_dir.mkdir(parents=True, exist_ok=True)
-        self.log_dir.mkdir(parents=True, exist_ok=True)
         from utils import write_json  # here, not at import: parsing must not depend on the file helpers
         write_json(self.config, self.save_dir / "config.json")
 
-    def init_obj(self, section, *args, **kwargs):
-        """Build `section`'s {type, args}: type(*args, **config args, **kwargs).
 
-        Runtime objects (model parameters, the optimizer) come in through args / kwargs and are
-        never merged into the config.
-        """
-        spec = self.config[section]
-        overlap = set(kwargs) & set(spec["args"])
-        if overlap:
-            raise ConfigError(f"{section}.args: {', '.join(sorted(overlap))} is set by the program, not the config")
-        cls = resolve(section, spec["type"], f"{section}.type")
-        try:
-            return cls(*args, **spec["args"], **kwargs)
-        except (TypeError, ValueError) as e:  # how constructors reject a bad value
-            raise ConfigError(f"{section}.args: {spec['type']} rejected {json.dumps(spec['args'], default=str)}: "
-                              f"{e}") from None
-
-    def init_ftn(self, section, name):
-        """The loss or metric function called `name`."""
-        return resolve(section, name, section)
+def _files_hint(cls, spec):
+    """For torchvision's MNIST-style datasets: the files to put in place when they cannot be downloaded."""
+    resources = getattr(cls, "resources", None)
+    if not resources:
+        return ""
+    root = Path(spec["args"].get("root", ".")) / cls.__name__ / "raw"
+    files = ", ".join(Path(r[0] if isinstance(r, tuple) else r).name.removesuffix(".gz") for r in resources)
+    return f"; offline, put these files (uncompressed: gunzip the .gz files) in {root}: {files}"

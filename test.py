@@ -7,13 +7,19 @@ import json
 import logging
 import os
 
+import torch
+
+from base import BaseDataLoader
+from base.base_data_loader import make_datasets
+from base.base_metric import metric_object
 from cli import run_main
 from logger import setup_logging
 from parse_config import ConfigParser
-from trainer.trainer import evaluate, progress_bar
+from trainer import Trainer
 from utils import prepare_device, write_json
-from utils.errors import ConfigError
 from utils.checkpoint import find_checkpoint, load_checkpoint, load_model_state
+from utils.errors import ConfigError
+from utils.registry import Registry
 
 
 def main(argv=None):
@@ -27,23 +33,26 @@ def main(argv=None):
 
     path = find_checkpoint(args.resume)
     checkpoint = load_checkpoint(path)
-    config = ConfigParser(checkpoint["config"], args.overrides, run_id=checkpoint["run_id"], resume=True)
+    config = ConfigParser(checkpoint["config"], args.overrides, Registry(), run_id=checkpoint["run_id"], resume=True)
     setup_logging(None, config["trainer"]["verbosity"])
     logger = logging.getLogger("test")
 
-    data_loader = config.init_obj("data_loader", seed=config["seed"], training=False)
-    if data_loader.n_samples == 0:
-        raise ConfigError(f"data_loader.args.test_split: the test split of {config['data_loader']['type']} is empty")
+    test_set = make_datasets(config)["test"]
+    if test_set is None:
+        raise ConfigError("data_loader: no test data (set data_loader.test_split or data_loader.test_dataset)")
+    data_loader = BaseDataLoader(test_set, config["data_loader"]["batch_size"], even_shards=False,
+                                 num_workers=config["data_loader"]["num_workers"], seed=config["seed"])
     model = config.init_obj("arch")
     load_model_state(model, checkpoint, path)
     device = prepare_device(config["n_gpu"], logger)
     model = model.to(device)
-    criterion = config.init_ftn("loss", config["loss"])
-    metric_fns = [config.init_ftn("metrics", name) for name in config["metrics"]]
+    criterion = config.init_ftn("loss")
+    criterion = criterion.to(device) if isinstance(criterion, torch.nn.Module) else criterion
+    metrics = {name: metric_object(config.init_ftn(f"metrics.{i}")) for i, name in enumerate(config.metric_names)}
+    trainer = Trainer(model, criterion, metrics, None, config, device)
 
-    bar = progress_bar(data_loader, desc="test")
-    results = evaluate(model, bar, criterion, metric_fns, device)
-    results["n_samples"] = data_loader.n_samples
+    results = trainer.evaluate(data_loader, desc="test")
+    results["n_samples"] = len(test_set)
     out = path.parent / "test_metrics.json"
     write_json({"checkpoint": path.name, **results}, out)
     print(json.dumps(results, indent=2))

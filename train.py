@@ -10,9 +10,13 @@ from torch.nn.parallel import DistributedDataParallel
 import utils.dist as dist
 from cli import run_main
 from logger import setup_logging
+from base import BaseDataLoader
+from base.base_data_loader import make_datasets
+from base.base_metric import metric_object
 from parse_config import ConfigParser, load_config_file
 from trainer import Trainer
 from utils import prepare_device, seed_everything
+from utils.registry import Registry
 from utils.checkpoint import find_checkpoint, latest_checkpoint, load_checkpoint, load_model_state
 from utils.errors import ConfigError, TrainingError, UserError
 from utils.preemption import Preempted
@@ -26,7 +30,7 @@ def parse_args(argv=None):
     p.add_argument("-d", "--device", help="GPU ids to use, e.g. 0,1 (sets CUDA_VISIBLE_DEVICES)")
     p.add_argument("--run-id", help="name of the run (default: a timestamp)")
     p.add_argument("--lr", type=float, help="shortcut for optimizer.args.lr=LR")
-    p.add_argument("--bs", type=int, help="shortcut for data_loader.args.batch_size=BS")
+    p.add_argument("--bs", type=int, help="shortcut for data_loader.batch_size=BS")
     p.add_argument("--auto-resume", action="store_true",
                    help="with -c: resume the newest checkpoint of the run named by --run-id (default: the "
                         "newest run of this config's name), or start that run if it has none")
@@ -40,13 +44,13 @@ def parse_args(argv=None):
     if args.auto_resume and (args.resume or not args.config):
         p.error("--auto-resume goes with -c and without -r")
     args.overrides += [f"optimizer.args.lr={args.lr}"] * (args.lr is not None)
-    args.overrides += [f"data_loader.args.batch_size={args.bs}"] * (args.bs is not None)
+    args.overrides += [f"data_loader.batch_size={args.bs}"] * (args.bs is not None)
     return args
 
 
 # What a resumed run takes from its checkpoint: overriding these would be silently undone (the
 # optimizer's state holds its lr), would move the run's place in the data, or would make it a
-# different run. (data_loader.args.num_workers may change: it does not change the batches.)
+# different run. (data_loader.num_workers may change: it does not change the batches.)
 FIXED_ON_RESUME = ("name", "seed", "arch", "optimizer", "lr_scheduler", "loss", "data_loader",
                    "trainer.monitor", "trainer.len_epoch", "trainer.accumulate_steps")
 
@@ -57,7 +61,7 @@ def _changed_on_resume(config, saved):
         for part in key.split("."):
             tree = tree.get(part) if isinstance(tree, dict) else None
         if key == "data_loader" and tree is not None:
-            tree = {**tree, "args": {k: v for k, v in tree.get("args", {}).items() if k != "num_workers"}}
+            tree = {k: v for k, v in tree.items() if k != "num_workers"}
         return tree
     return next((key for key in FIXED_ON_RESUME if get(config, key) != get(saved, key)), None)
 
@@ -72,11 +76,11 @@ def run_root_of(path, checkpoint):
     return None
 
 
-def build_config(args):
+def build_config(args, registry):
     """The run's ConfigParser and the checkpoint to start from (None for a fresh run)."""
     checkpoint = path = None
     if args.auto_resume:
-        config = ConfigParser(load_config_file(args.config), args.overrides, run_id=args.run_id)
+        config = ConfigParser(load_config_file(args.config), args.overrides, registry, run_id=args.run_id)
         runs = config.save_root / "models" / config["name"]
         path, checkpoint = latest_checkpoint(runs, args.run_id)
         if checkpoint is None:
@@ -85,11 +89,11 @@ def build_config(args):
         path = find_checkpoint(args.resume)
         checkpoint = load_checkpoint(path)
     if args.config and not args.auto_resume:  # a new run (fine-tuning from the checkpoint's weights if -r is given too)
-        config = ConfigParser(load_config_file(args.config), args.overrides, run_id=args.run_id)
+        config = ConfigParser(load_config_file(args.config), args.overrides, registry, run_id=args.run_id)
     else:  # continue the checkpoint's run, in its directories: <root>/models/<name>/<run_id>/<file>
         if args.run_id and args.run_id != checkpoint["run_id"]:
             raise ConfigError("--run-id: a resumed run keeps its id; use -c with -r to start a new run")
-        config = ConfigParser(checkpoint["config"], args.overrides, run_id=checkpoint["run_id"],
+        config = ConfigParser(checkpoint["config"], args.overrides, registry, run_id=checkpoint["run_id"],
                               resume=True, run_root=run_root_of(path, checkpoint))
         changed = _changed_on_resume(config.config, checkpoint["config"])
         if changed:
@@ -113,7 +117,7 @@ def main(argv=None):
     args = parse_args(argv)
     if args.device:
         os.environ["CUDA_VISIBLE_DEVICES"] = args.device  # before anything touches CUDA
-    config, checkpoint, checkpoint_path = build_config(args)
+    config, checkpoint, checkpoint_path = build_config(args, Registry())
     logger = logging.getLogger("train")
     device = setup_device(config["n_gpu"], logger)
     try:
@@ -128,10 +132,16 @@ def run(args, config, checkpoint, checkpoint_path, device, logger):
     seed_everything(config["seed"] + dist.rank())  # rank-distinct dropout; data order is seeded separately
 
     # Build everything before creating any directory, so a bad config leaves nothing behind.
-    data_loader = config.init_obj("data_loader", seed=config["seed"])
-    if len(data_loader) == 0:
-        raise ConfigError(f"data_loader.args: the training split of {config['data_loader']['type']} is empty")
-    valid_data_loader = data_loader.split_validation()
+    datasets = make_datasets(config)
+    if datasets["train"] is None:
+        raise ConfigError(f"data_loader.dataset: the training split of {config['data_loader']['dataset']['type']} is empty")
+    loader_args = dict(batch_size=config["data_loader"]["batch_size"], num_workers=config["data_loader"]["num_workers"],
+                       seed=config["seed"])
+    data_loader = BaseDataLoader(datasets["train"], shuffle=config["data_loader"]["shuffle"], **loader_args)
+    valid_data_loader = BaseDataLoader(datasets["valid"], even_shards=False, **loader_args) \
+        if datasets["valid"] is not None else None
+    logger.info("Data: %d training, %d validation samples", len(datasets["train"]),
+                len(datasets["valid"]) if datasets["valid"] is not None else 0)
     model = config.init_obj("arch")
     if checkpoint is not None and not config.resume:
         load_model_state(model, checkpoint, checkpoint_path)  # fine-tuning: weights only
@@ -143,15 +153,16 @@ def run(args, config, checkpoint, checkpoint_path, device, logger):
     compile_backend = config["trainer"]["compile"]
     if compile_backend:  # checkpoints still hold the bare module's keys (utils.unwrap_model)
         model = torch.compile(model, **({} if compile_backend is True else {"backend": compile_backend}))
-    criterion = config.init_ftn("loss", config["loss"])
-    metrics = [config.init_ftn("metrics", name) for name in config["metrics"]]
+    criterion = config.init_ftn("loss")
+    criterion = criterion.to(device) if isinstance(criterion, torch.nn.Module) else criterion
+    metrics = {name: metric_object(config.init_ftn(f"metrics.{i}")) for i, name in enumerate(config.metric_names)}
     trainable_params = [p for p in model.parameters() if p.requires_grad]
     optimizer = config.init_obj("optimizer", trainable_params)
     lr_scheduler = config.init_obj("lr_scheduler", optimizer) if config["lr_scheduler"] else None
     trainer = Trainer(model, criterion, metrics, optimizer, config, device,
                       data_loader=data_loader, valid_data_loader=valid_data_loader, lr_scheduler=lr_scheduler)
     if config.resume:
-        trainer.resume(checkpoint, checkpoint_path)
+        trainer.load_state_dict(checkpoint, checkpoint_path)
 
     if args.dry_run:
         trainer.dry_run(batches=2)

@@ -1,4 +1,5 @@
-"""BaseDataLoader: batches of one dataset split in an order that is a pure function of (seed, epoch).
+"""The template's data path: the datasets a config names, split, transformed, and batched in an
+order that is a pure function of (seed, epoch).
 
 Because the order depends on nothing else, resuming needs only the epoch and the number of
 batches already taken: no generator state, and no replay of the batches already done.
@@ -7,9 +8,102 @@ import math
 import signal
 
 import torch
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
 import utils.dist as dist
+from utils.errors import REQUIRED, ConfigError, DataError
+
+NoneType = type(None)
+# key: (default, allowed type(s), description). The README's config reference mirrors this table.
+LOADER_DEFAULTS = {
+    "dataset": (REQUIRED, dict, "the data: {type: a Dataset class (yours, or torchvision.datasets.*), args}"),
+    "valid_dataset": (None, (dict, NoneType), "validation data {type, args[, optional: true]}; null = "
+                                              "validation_split of dataset (also when optional and absent)"),
+    "test_dataset": (None, (dict, NoneType), "test data for test.py {type, args}; null = test_split of dataset"),
+    "validation_split": (0.0, float, "fraction of dataset held out for validation (when valid_dataset is null)"),
+    "test_split": (0.0, float, "fraction of dataset held out for test.py (when test_dataset is null)"),
+    "batch_size": (32, int, "samples per batch (per process under torchrun)"),
+    "shuffle": (True, bool, "shuffle the training data, in an order fixed by seed and epoch"),
+    "num_workers": (0, int, "DataLoader worker processes; 0 = load in the main process"),
+    "train_transform": ([], list, "[{type, args}, ...] applied in order to each training sample"),
+    "eval_transform": ([], list, "[{type, args}, ...] applied in order to each validation and test sample"),
+}
+
+
+class Compose:
+    """Apply transforms in order to a whole sample (torchvision v2 transforms change its images and
+    pass labels through)."""
+
+    def __init__(self, transforms):
+        self.transforms = transforms
+
+    def __call__(self, sample):
+        for transform in self.transforms:
+            sample = transform(sample)
+        return sample
+
+
+class Transformed(Dataset):
+    """`dataset` with `transform` applied to each sample. With a `seed` (training), the loader asks
+    for (epoch, index) and the transform's torch randomness comes from a generator seeded by
+    (seed, epoch, index): the same in a worker or the main process, before or after a resume."""
+
+    def __init__(self, dataset, transform, seed=None):
+        self.dataset, self.transform, self.seed = dataset, transform, seed
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        if self.seed is None:
+            return self.transform(self.dataset[key])
+        epoch, index = key
+        with torch.random.fork_rng(devices=[]):  # the process's own RNG stream is left as it was
+            torch.random.default_generator.manual_seed(((self.seed * 1_000_003 + epoch) * 1_000_033 + index) % 2**63)
+            return self.transform(self.dataset[index])
+
+
+def split_indices(n, fractions, seed):
+    """Disjoint random index sets of the given fractions of n, then the rest; fixed by `seed`."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    sizes = [int(round(n * f)) for f in fractions]
+    if sum(sizes) > n:
+        raise ConfigError(f"data_loader: validation_split + test_split leave no training samples (of {n})")
+    return [part.sort().values for part in order.split([*sizes, n - sum(sizes)])]
+
+
+def _subset(dataset, idx):
+    # In-memory tensors stay a TensorDataset, so they keep the tensor-indexing fast path.
+    return TensorDataset(*(t[idx] for t in dataset.tensors)) if isinstance(dataset, TensorDataset) \
+        else Subset(dataset, idx.tolist())
+
+
+def make_datasets(config) -> dict:
+    """{"train", "valid", "test": Dataset or None}: each the dataset the config names for it, else a
+    seeded fraction of `dataset`; training samples get train_transform (seeded per sample), the
+    others eval_transform."""
+    cfg = config["data_loader"]
+    own = {"valid": None, "test": None}
+    for phase in own:
+        spec = cfg[f"{phase}_dataset"]
+        try:
+            own[phase] = config.init_obj(f"data_loader.{phase}_dataset") if spec else None
+        except DataError:  # e.g. an ImageFolder whose directory is absent
+            if not spec.get("optional"):
+                raise
+    data = config.init_obj("data_loader.dataset")
+    fractions = [cfg["validation_split"] if own["valid"] is None else 0.0,
+                 cfg["test_split"] if own["test"] is None else 0.0]
+    valid_idx, test_idx, train_idx = split_indices(len(data), fractions, config["seed"])
+    sets = {"train": _subset(data, train_idx),
+            "valid": own["valid"] if own["valid"] is not None else _subset(data, valid_idx),
+            "test": own["test"] if own["test"] is not None else _subset(data, test_idx)}
+    train_tf = [config.init_obj(f"data_loader.train_transform.{i}") for i in range(len(cfg["train_transform"]))]
+    eval_tf = [config.init_obj(f"data_loader.eval_transform.{i}") for i in range(len(cfg["eval_transform"]))]
+    for phase, transforms in (("train", train_tf), ("valid", eval_tf), ("test", eval_tf)):
+        if transforms:
+            sets[phase] = Transformed(sets[phase], Compose(transforms), config["seed"] if phase == "train" else None)
+    return {phase: ds if len(ds) else None for phase, ds in sets.items()}
 
 
 class EpochBatchSampler:
@@ -22,36 +116,39 @@ class EpochBatchSampler:
     that: each step is a collective); evaluation leaves it off and counts every sample once.
     """
 
-    def __init__(self, n, batch_size, shuffle, seed=0, drop_last=False, rank=0, world_size=1, even_shards=True):
+    def __init__(self, n, batch_size, shuffle, seed=0, rank=0, world_size=1, even_shards=True):
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
         self.n, self.batch_size, self.shuffle, self.seed = n, batch_size, shuffle, seed
-        self.drop_last, self.rank, self.world_size = drop_last, rank, world_size
+        self.rank, self.world_size = rank, world_size
         self.padded_n = -(-n // world_size) * world_size if even_shards else n
         self.epoch = 0
         self.start_batch = 0  # batches of this epoch already done (set when resuming mid-epoch)
+        self.keyed = False  # yield (epoch, index) keys, for a dataset that seeds per-sample randomness
 
     def indices(self):
-        if self.shuffle:
-            g = torch.Generator().manual_seed(self.seed + self.epoch)
-            order = torch.randperm(self.n, generator=g)
-        else:
-            order = torch.arange(self.n)
+        order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + self.epoch)) \
+            if self.shuffle else torch.arange(self.n)
         if self.padded_n > self.n:
             order = torch.cat([order, order[:self.padded_n - self.n]])
         return order[self.rank::self.world_size]
 
+    def n_real(self, batch):
+        """Samples of local batch `batch` that are not padding (padding comes last); None if none pads."""
+        if self.padded_n == self.n:
+            return None
+        return max(0, min(self.batch_size, len(range(self.rank, self.n, self.world_size)) - batch * self.batch_size))
+
     def __len__(self):
-        n_local = len(range(self.rank, self.padded_n, self.world_size))
-        return n_local // self.batch_size if self.drop_last else math.ceil(n_local / self.batch_size)
+        return math.ceil(len(range(self.rank, self.padded_n, self.world_size)) / self.batch_size)
 
     def __iter__(self):
         indices = self.indices()
-        batches = indices.split(self.batch_size) if len(indices) else ()  # split() of nothing is one empty batch
-        if self.drop_last and batches and len(batches[-1]) < self.batch_size:
-            batches = batches[:-1]
+        batches = indices.split(self.batch_size)[self.start_batch:] if len(indices) else ()
         # Not reset here: torch's DataLoader may call iter() on its sampler twice per pass.
-        return iter(batches[self.start_batch:])
+        if self.keyed:
+            return iter([[(self.epoch, i) for i in b.tolist()] for b in batches])
+        return iter(batches)
 
 
 def _ignore_stop_signals(worker_id):
@@ -62,23 +159,22 @@ def _ignore_stop_signals(worker_id):
 
 
 class BaseDataLoader:
-    """Iterates (data, target) batches of `dataset` in the order of an EpochBatchSampler.
+    """Iterates batches of `dataset` in the order of an EpochBatchSampler.
 
-    A TensorDataset is batched by tensor indexing (no per-sample collation); any other dataset
-    goes through torch's DataLoader with `num_workers` worker processes.
+    A TensorDataset with 0 workers is batched by tensor indexing (no per-sample collation); any
+    other dataset goes through torch's DataLoader with `num_workers` worker processes.
     Call set_epoch(epoch) before each pass to get that epoch's order. Under torchrun each process
     iterates its own shard (see EpochBatchSampler); `even_shards=False` is for evaluation loaders.
     """
 
-    def __init__(self, dataset: Dataset, batch_size: int, shuffle: bool, num_workers: int = 0,
-                 seed: int = 0, drop_last: bool = False, pin_memory=None, even_shards: bool = True):
+    def __init__(self, dataset: Dataset, batch_size: int, shuffle: bool = False, num_workers: int = 0,
+                 seed: int = 0, even_shards: bool = True):
         self.dataset = dataset
-        self.batch_size = batch_size
-        self.num_workers = num_workers
-        self.sampler = EpochBatchSampler(len(dataset), batch_size, shuffle, seed, drop_last,
-                                         rank=dist.rank(), world_size=dist.world_size(), even_shards=even_shards)
+        self.sampler = EpochBatchSampler(len(dataset), batch_size, shuffle, seed, rank=dist.rank(),
+                                         world_size=dist.world_size(), even_shards=even_shards)
+        self.sampler.keyed = isinstance(dataset, Transformed) and dataset.seed is not None
         # Pinned host memory only pays off when batches are copied to a GPU.
-        self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
+        self.pin_memory = torch.cuda.is_available()
         self._loader = None
         if not isinstance(dataset, TensorDataset) or num_workers > 0:
             # Its own generator: worker seeds must not draw from (and so shift) the global RNG,
@@ -87,11 +183,6 @@ class BaseDataLoader:
                                       pin_memory=self.pin_memory, persistent_workers=num_workers > 0,
                                       generator=torch.Generator().manual_seed(seed),
                                       worker_init_fn=_ignore_stop_signals)
-
-    @property
-    def n_samples(self) -> int:
-        """Samples in the whole dataset (all processes together)."""
-        return len(self.dataset)
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         """Use `epoch`'s order on the next pass, beginning after its first `start_batch` batches."""
@@ -107,9 +198,6 @@ class BaseDataLoader:
         return self._iter_tensors()
 
     def _iter_tensors(self):
-        tensors = self.dataset.tensors
         for idx in self.sampler:
-            batch = [t[idx] for t in tensors]
-            if self.pin_memory:
-                batch = [t.pin_memory() for t in batch]
-            yield tuple(batch)
+            batch = tuple(t[idx] for t in self.dataset.tensors)
+            yield tuple(t.pin_memory() for t in batch) if self.pin_memory else batch

@@ -1,21 +1,25 @@
-"""BaseTrainer: the epoch loop, monitoring, early stopping, checkpoints, resume and per-epoch outputs.
+"""BaseTrainer: the engine around the user's step (trainer/trainer.py).
 
-Subclasses implement _train_epoch(epoch) -> dict of that epoch's numbers (see trainer/trainer.py).
+It runs the epochs: AMP, gradient accumulation, DDP no_sync, clipping, the optimizer and scheduler,
+metrics, progress, per-epoch outputs, early stopping and checkpoints. Everything a checkpoint
+restores goes through state_dict() / load_state_dict(), here and nowhere else.
 """
+import contextlib
+import itertools
 import logging
 import math
 import signal
-from pathlib import Path
+import time
 
 import torch
 
 import utils.dist as dist
-from logger.visualization import MetricsCSV, TensorboardWriter
-from utils.checkpoint import (checkpoint_name, list_checkpoints, load_model_state, position_of, serialize,
-                              supersede_after)
-from utils.errors import ConfigError, TrainingError
+from base.base_metric import MetricTracker, batch_size
+from logger import MetricsCSV, TensorboardWriter, progress_bar
+from utils.checkpoint import list_checkpoints, load_model_state, position_of, save_checkpoint, supersede_after
+from utils.errors import CheckpointError, ConfigError, TrainingError
 from utils.preemption import Preempted, StopRequest
-from utils.util import atomic_write_bytes, get_rng_state, set_rng_state, unwrap_model
+from utils.util import get_rng_state, set_rng_state, unwrap_model
 
 NoneType = type(None)
 # key: (default, allowed type(s), description). The README's config reference mirrors this table.
@@ -23,10 +27,13 @@ TRAINER_DEFAULTS = {
     "epochs": (10, int, "epochs to train (>= 1)"),
     "save_dir": ("saved/", str, "root of the run outputs: <save_dir>/models and <save_dir>/log"),
     "save_period": (1, int, "write checkpoint-epoch<N>.pth every this many epochs; the last epoch is always saved"),
-    "verbosity": (2, int, "console log level: 0 warnings, 1 info, 2 debug (per-step lines)"),
-    "monitor": ("off", str, "'min METRIC', 'max METRIC' or 'off': picks model_best.pth and drives early stopping"),
+    "verbosity": (2, int, "console log level of the template's loggers: 0 warnings, 1 info, 2 debug (per-step lines)"),
+    "monitor": ("off", str, "\"min METRIC\", \"max METRIC\" or \"off\": picks model_best.pth and drives early "
+                            "stopping; METRIC is loss, a metric name, or either with val_"),
     "early_stop": (0, int, "stop after this many consecutive epochs without improvement; 0 = never"),
     "tensorboard": (True, bool, "write TensorBoard event files into the run's log directory"),
+    "log_images": (True, bool, "with tensorboard: a grid of training inputs each epoch, when they are images "
+                               "(N, C, H, W with C = 1, 3 or 4)"),
     "log_step": (10, int, "every this many steps: log the loss, refresh the progress bar (a host sync)"),
     "len_epoch": (None, (int, NoneType), "optimizer steps per epoch (iteration-based); null = one pass over the data"),
     "save_every_steps": (0, int, "also write checkpoint-epoch<E>-step<S>.pth every this many optimizer steps "
@@ -49,56 +56,117 @@ def parse_monitor(monitor: str, metric_names):
     names += ["val_" + n for n in names]
     parts = monitor.split()
     if len(parts) != 2 or parts[0] not in ("min", "max") or parts[1] not in names:
-        raise ConfigError(f"trainer.monitor: {monitor!r} is not 'off' or 'min|max METRIC' "
+        raise ConfigError(f"trainer.monitor: {monitor[:80]!r} is not 'off' or 'min|max METRIC' "
                           f"with METRIC one of {', '.join(names)}")
     return parts[0], parts[1]
 
 
-class BaseTrainer:
-    """Runs epochs start_epoch..epochs, keeping the best model and the resume points.
+def to_device(batch, device):
+    """A batch (a tensor, or a tuple, list or dict of them) on `device`."""
+    if torch.is_tensor(batch):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(to_device(v, device) for v in batch)
+    return batch
 
-    config: the ConfigParser of the run (its resolved config, run id and directories).
+
+def image_batch(batch):
+    """The batch's first tensor if it holds images (N, C, H, W with C in 1, 3, 4), else None."""
+    first = next(iter(batch.values() if isinstance(batch, dict) else batch), None) \
+        if isinstance(batch, (dict, list, tuple)) else batch
+    return first if torch.is_tensor(first) and first.dim() == 4 and first.shape[1] in (1, 3, 4) else None
+
+
+class BaseTrainer:
+    """Trains `model` on `data_loader`, validating on `valid_data_loader` (optional) each epoch.
+
+    metrics: {name: Metric or object with update/compute/reset}. config: the run's ConfigParser.
+    Subclasses implement step(batch) -> (loss, output, target).
     """
 
-    def __init__(self, model, criterion, metric_ftns, optimizer, config, device, lr_scheduler=None):
-        self.config = config
+    def __init__(self, model, criterion, metrics, optimizer, config, device, data_loader=None,
+                 valid_data_loader=None, lr_scheduler=None):
+        self.model, self.criterion, self.optimizer, self.lr_scheduler = model, criterion, optimizer, lr_scheduler
+        self.config, self.device = config, device
+        self.data_loader, self.valid_data_loader = data_loader, valid_data_loader
         self.logger = logging.getLogger("trainer")
-        self.model = model
-        self.criterion = criterion
-        self.metric_ftns = metric_ftns
-        self.optimizer = optimizer
-        self.lr_scheduler = lr_scheduler
-        self.device = device
-
         cfg = config["trainer"]
-        self.epochs = cfg["epochs"]
-        self.save_period = cfg["save_period"]
-        self.early_stop = cfg["early_stop"]
-        self.save_every_steps = cfg["save_every_steps"]
-        self.keep_last = cfg["keep_last"]
+        self.cfg = cfg
+        # One tracker for both phases: training's values are computed before validation resets it.
+        self.metrics = MetricTracker(metrics)
+        self.mnt_mode, self.mnt_metric = parse_monitor(cfg["monitor"], list(metrics))
+        if cfg["amp"] == "fp16" and device.type != "cuda":
+            raise ConfigError("trainer.amp: fp16 needs a CUDA device; use \"bf16\" on the CPU")
+        amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg["amp"])
+        self.autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
+        # Loss scaling only for fp16; disabled, the scaler passes calls straight through.
+        self.scaler = torch.amp.GradScaler(device.type, enabled=cfg["amp"] == "fp16")
+        self.accumulate_steps = cfg["accumulate_steps"]
+        # len_epoch counts optimizer steps, each of accumulate_steps batches; without it an epoch
+        # is one pass over the data, its last step taking whatever batches remain.
+        self.batches_per_epoch = cfg["len_epoch"] * self.accumulate_steps if cfg["len_epoch"] else \
+            len(data_loader) if data_loader is not None else 0
+        self.distributed = dist.is_distributed()
         self.stop_request = StopRequest()
-        self.mnt_mode, self.mnt_metric = parse_monitor(cfg["monitor"], [m.__name__ for m in metric_ftns])
-        # Training state: everything here goes into state_dict() and so into every checkpoint.
+        self.writer = self.csv = self.images = None
+        # Run state: all of it goes into state_dict() and so into every checkpoint.
         self.epoch = 0  # last finished epoch
         self.global_step = 0  # optimizer steps taken
+        self.batches_done = 0  # batches of epoch + 1 done (non-zero only mid-epoch)
         self.mnt_best = math.inf if self.mnt_mode == "min" else -math.inf
         self.not_improved_count = 0
-        self.scaler = None  # a torch.amp.GradScaler, set by subclasses that use one
-        self.writer = None
-        self.csv = None
 
-    def _train_epoch(self, epoch) -> dict:
+    def step(self, batch):
         raise NotImplementedError
 
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "global_step": self.global_step,
-                "monitor_best": self.mnt_best, "not_improved_count": self.not_improved_count}
+    # ---- run state ------------------------------------------------------------------------------
 
-    def load_state_dict(self, state: dict) -> None:
-        self.epoch = state["epoch"]
-        self.global_step = state["global_step"]
-        self.mnt_best = state["monitor_best"]
-        self.not_improved_count = state["not_improved_count"]
+    def state_dict(self) -> dict:
+        """The whole run state as plain data (a checkpoint): every process must call it under torchrun."""
+        model = unwrap_model(self.model)
+        return {
+            "arch": type(model).__name__, "run_id": self.config.run_id, "config": self.config.config,
+            "epoch": self.epoch + (1 if self.batches_done else 0),  # the epoch this checkpoint is in
+            "model": model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "lr_scheduler": self.lr_scheduler.state_dict() if self.lr_scheduler is not None else None,
+            "scaler": self.scaler.state_dict(),
+            "trainer": {"epoch": self.epoch, "global_step": self.global_step, "batches_done": self.batches_done,
+                        "monitor_best": self.mnt_best, "not_improved_count": self.not_improved_count},
+            # mid-epoch: each process's partial sums of the epoch's loss and metrics
+            "metrics": dist.gather_objects(self.metrics.state_dict()) if self.batches_done else None,
+            "rng": dist.gather_objects(get_rng_state()),  # one per process
+        }
+
+    def load_state_dict(self, checkpoint: dict, path) -> None:
+        """Restore everything state_dict() saved, from a checkpoint loaded by utils.checkpoint."""
+        load_model_state(unwrap_model(self.model), checkpoint, path)
+        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        if (checkpoint["lr_scheduler"] is None) != (self.lr_scheduler is None):
+            raise ConfigError(f"{path}: lr_scheduler differs from the one the checkpoint was trained with")
+        if self.lr_scheduler is not None:
+            self.lr_scheduler.load_state_dict(checkpoint["lr_scheduler"])
+        if checkpoint["scaler"]:
+            self.scaler.load_state_dict(checkpoint["scaler"])
+        t = checkpoint["trainer"]
+        self.epoch, self.global_step, self.batches_done = t["epoch"], t["global_step"], t["batches_done"]
+        self.mnt_best, self.not_improved_count = t["monitor_best"], t["not_improved_count"]
+        if self.batches_done:
+            if len(checkpoint["metrics"]) != dist.world_size():
+                raise CheckpointError(f"{path}: this mid-epoch checkpoint was saved by {len(checkpoint['metrics'])} "
+                                      "processes; resume it with as many, or resume an end-of-epoch checkpoint")
+            self.metrics.load_state_dict(checkpoint["metrics"][dist.rank()], self.device)
+        self.resumed_at = position_of(checkpoint)
+        if len(checkpoint["rng"]) == dist.world_size():
+            set_rng_state(checkpoint["rng"][dist.rank()])
+        else:
+            self.logger.warning("%s was saved by %d processes, this run has %d: RNG states not restored, "
+                                "so the run continues correctly but not bitwise as it would have.",
+                                path, len(checkpoint["rng"]), dist.world_size())
+        self.logger.info("Resumed from %s: epoch %d, step %d.", path, self.epoch, self.global_step)
+
+    # ---- the epoch loop -------------------------------------------------------------------------
 
     def train(self):
         """Train to the configured number of epochs, writing logs, metrics.csv and checkpoints.
@@ -111,41 +179,151 @@ class BaseTrainer:
             with self.stop_request:
                 self._train_epochs()
         finally:
-            self._close_outputs()
+            if self.writer is not None:
+                self.writer.close()
 
     def _train_epochs(self):
         if self._stopped_early():
             self.logger.info("This run already stopped early at epoch %d; nothing to do.", self.epoch)
-        for epoch in range(self.epoch + 1, self.epochs + 1):
+        for epoch in range(self.epoch + 1, self.cfg["epochs"] + 1):
             if self._stopped_early():
                 break
-            log = {"epoch": epoch, **self._train_epoch(epoch)}
+            start = time.perf_counter()
+            log, n_samples = self._train_epoch(epoch)
+            train_seconds = time.perf_counter() - start
             if not math.isfinite(log["loss"]):
                 raise TrainingError(f"non-finite training loss ({log['loss']}) in epoch {epoch}; no checkpoint "
                                     "of these weights was written")
+            if self.valid_data_loader is not None:
+                log.update(("val_" + k, v) for k, v in self.evaluate(self.valid_data_loader, f"Epoch {epoch} valid").items())
+            log["lr"] = self.optimizer.param_groups[0]["lr"]
+            if self.lr_scheduler is not None and self.config["lr_scheduler"]["interval"] == "epoch":
+                if isinstance(self.lr_scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+                    self.lr_scheduler.step(log[self.mnt_metric])
+                else:
+                    self.lr_scheduler.step()
+            log["epoch_seconds"] = time.perf_counter() - start
+            log["samples_per_second"] = n_samples * dist.world_size() / train_seconds  # all processes
             self.epoch = epoch
             improved = self._update_monitor(log)
-            for key, value in log.items():
-                self.logger.info("    %-20s: %s", key, value)
-            self._write_epoch_outputs(log)
+            self._write_epoch_outputs({"epoch": epoch, **log})
             stop = self._stopped_early()
             preempted = dist.any_process(self.stop_request.signum is not None, self.device)
-            periodic = epoch % self.save_period == 0 or epoch == self.epochs or stop or preempted
-            path = self._save_checkpoint(epoch, periodic=periodic, best=improved)
+            periodic = epoch % self.cfg["save_period"] == 0 or epoch == self.cfg["epochs"] or stop or preempted
+            path = self._save_checkpoint(periodic=periodic, best=improved)
             if stop:
                 self.logger.info("%s did not improve for %d epochs: training stops.",
                                  self.mnt_metric, self.not_improved_count)
             if preempted:
                 self._preempted(path)
 
-    def _preempted(self, path):
-        signum = self.stop_request.signum or signal.SIGTERM  # under torchrun another rank may have got it
-        self.logger.warning("Stopped by %s after step %d; saved %s. Resume with: python train.py -r %s",
-                            signal.Signals(signum).name, self.global_step, path.name, path)
-        raise Preempted(signum, path)
+    def _batch_stream(self, start):
+        """(batch, samples in it that are not DDP padding) from global batch number `start` on, pass
+        after pass over the data. Pass p uses the loader's order for epoch p, so where a batch comes
+        from depends only on its number: an iteration-based epoch can end mid-pass."""
+        passes, position = divmod(start, len(self.data_loader))
+        for p in itertools.count(passes):
+            self.data_loader.set_epoch(p, start_batch=position)
+            for position, batch in enumerate(self.data_loader, start=position):
+                yield batch, self.data_loader.sampler.n_real(position)
+            position = 0
+
+    def _train_epoch(self, epoch, max_batches=None):
+        """Train one epoch (the rest of it, when resumed mid-epoch): its averages, samples trained."""
+        self.model.train()
+        n = min(self.batches_per_epoch, max_batches or self.batches_per_epoch)
+        done, self.batches_done = self.batches_done, 0
+        if not done:
+            self.metrics.reset()
+        self.images, n_samples = None, 0
+        batches = itertools.islice(self._batch_stream((epoch - 1) * self.batches_per_epoch + done), n - done)
+        bar = progress_bar(total=n, initial=done, desc=f"Epoch {epoch} train")
+        for i, (batch, n_real) in enumerate(batches, start=done):
+            batch = to_device(batch, self.device)
+            window_start = i - i % self.accumulate_steps
+            window = min(self.accumulate_steps, n - window_start)  # the epoch's last may be short
+            last_in_window = i + 1 == window_start + window
+            if i == window_start:  # a new optimizer step begins
+                self.optimizer.zero_grad(set_to_none=True)
+            # DDP: average gradients across processes only on the window's last backward
+            with contextlib.nullcontext() if last_in_window or not self.distributed else self.model.no_sync():
+                with self.autocast():
+                    loss, output, target = self.step(batch)
+                self.scaler.scale(loss / window if window > 1 else loss).backward()
+            self.metrics.update(loss, output, target, n_real)
+            n_samples += batch_size(target)
+            bar.update()
+            if last_in_window:
+                self._optimizer_step()
+                self.batches_done = i + 1
+                if self.images is None and self.cfg["log_images"]:
+                    self.images = image_batch(batch)
+                self._after_step(epoch, n, loss, bar)
+        bar.close()
+        self.batches_done = 0
+        return self.metrics.compute(self.device), n_samples
+
+    def _optimizer_step(self):
+        if self.cfg["clip_grad_norm"]:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg["clip_grad_norm"])
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        if self.lr_scheduler is not None and self.config["lr_scheduler"]["interval"] == "step":
+            self.lr_scheduler.step()
+        self.global_step += 1
+
+    def _after_step(self, epoch, n_batches, loss, bar):
+        """Every log_step steps: progress and a finite-loss check. A mid-epoch checkpoint when one
+        is due, or when a signal asked to stop (then raise Preempted)."""
+        if (self.global_step - 1) % self.cfg["log_step"] == 0:
+            # note: a host-device sync point; it runs only every log_step steps
+            sums = self.metrics.metrics["loss"].sums
+            step_loss, running = torch.stack([loss.detach().float().cpu(), (sums[0] / sums[1]).cpu()]).tolist()
+            if not math.isfinite(running):  # the running mean covers every step of the epoch so far
+                raise TrainingError(f"non-finite training loss in epoch {epoch}, at or before step {self.global_step} "
+                                    f"(checked every trainer.log_step={self.cfg['log_step']} steps); no checkpoint "
+                                    "of these weights was written")
+            bar.set_postfix_str(f"loss={running:.4f}", refresh=False)
+            self.logger.debug("Train epoch %d [%d/%d] loss: %.6f", epoch, self.batches_done, n_batches, step_loss)
+            if self.writer is not None:
+                self.writer.add_scalars("train_step", {"loss": step_loss}, self.global_step)
+        # Under torchrun the processes must stop at the same step: they agree every log_step steps.
+        stop = self.stop_request.signum is not None if not self.distributed else \
+            (self.global_step - 1) % self.cfg["log_step"] == 0 and dist.any_process(self.stop_request.signum is not None,
+                                                                                    self.device)
+        every = self.cfg["save_every_steps"]
+        if stop or (every and self.global_step % every == 0 and self.batches_done < n_batches):
+            path = self._save_checkpoint(periodic=True, best=False)
+            if stop:
+                self._preempted(path)
+
+    def evaluate(self, loader, desc="valid", max_batches=None) -> dict:
+        """Loss and metrics over `loader` (over all processes under torchrun), under the training's autocast."""
+        self.model.eval()
+        tracker = self.metrics
+        tracker.reset()
+        with torch.no_grad():
+            for batch in progress_bar(itertools.islice(loader, max_batches), total=max_batches or len(loader), desc=desc):
+                with self.autocast():
+                    loss, output, target = self.step(to_device(batch, self.device))
+                tracker.update(loss, output, target)
+        return tracker.compute(self.device)
+
+    def dry_run(self, batches=2):
+        """Train `batches` batches and validate on `batches` batches; write nothing."""
+        self.cfg = {**self.cfg, "save_every_steps": 0}  # no checkpoints: a dry run has no run directory
+        self.batches_done = 0  # from the first batch of the next epoch, even when resuming mid-epoch
+        log, _ = self._train_epoch(self.epoch + 1, max_batches=batches)
+        self.logger.info("dry run: %d training batches: %s", batches, log)
+        if self.valid_data_loader is not None:
+            valid = self.evaluate(self.valid_data_loader, max_batches=batches)
+            self.logger.info("dry run: %d validation batches: %s", batches, valid)
+
+    # ---- monitoring, outputs, checkpoints -------------------------------------------------------
 
     def _stopped_early(self) -> bool:
-        return self.early_stop > 0 and self.not_improved_count >= self.early_stop
+        return self.cfg["early_stop"] > 0 and self.not_improved_count >= self.cfg["early_stop"]
 
     def _update_monitor(self, log) -> bool:
         """Record the monitored metric of this epoch; True if it improved on the best so far."""
@@ -162,87 +340,44 @@ class BaseTrainer:
     def _open_outputs(self):
         if not dist.is_main_process():  # only rank 0 writes
             return
-        log_dir = self.config.log_dir
-        self.csv = MetricsCSV(log_dir / "metrics.csv")
+        self.csv = MetricsCSV(self.config.log_dir / "metrics.csv")
         if self.config.resume:  # forget what was logged after the checkpoint we resume from
             self.csv.truncate(self.epoch)
-            for stale in Path(self.config.save_dir).glob(".*.tmp"):  # a save cut short by a crash
-                stale.unlink()
-            for moved in supersede_after(self.config.save_dir, self._resumed_at):
+            for moved in supersede_after(self.config.save_dir, self.resumed_at):
                 self.logger.info("Moved %s, saved after the resumed checkpoint, to superseded/", moved.name)
-        if self.config["trainer"]["tensorboard"]:
-            self.writer = TensorboardWriter(log_dir, purge_step=self.global_step + 1 if self.config.resume else None)
-
-    def _close_outputs(self):
-        if self.writer is not None:
-            self.writer.close()
+        if self.cfg["tensorboard"]:
+            self.writer = TensorboardWriter(self.config.log_dir, self.global_step + 1 if self.config.resume else None)
 
     def _write_epoch_outputs(self, log):
+        for key, value in log.items():
+            self.logger.info("    %-20s: %s", key, value)
         if self.csv is None:
             return
         self.csv.append(log)
         if self.writer is not None:
-            train = {k: v for k, v in log.items() if not k.startswith("val_") and k != "epoch"}
-            valid = {k[4:]: v for k, v in log.items() if k.startswith("val_")}
-            self.writer.add_scalars("train", train, self.global_step)
-            self.writer.add_scalars("valid", valid, self.global_step)
+            self.writer.add_scalars("train", {k: v for k, v in log.items() if k[:4] != "val_" and k != "epoch"},
+                                    self.global_step)
+            self.writer.add_scalars("valid", {k[4:]: v for k, v in log.items() if k[:4] == "val_"}, self.global_step)
+            if self.images is not None:
+                self.writer.add_images("train/input", self.images, self.global_step)
 
-    def _checkpoint(self, epoch, trainer_state=None) -> dict:
-        model = unwrap_model(self.model)
-        return {
-            "arch": type(model).__name__,
-            "epoch": epoch,
-            "run_id": self.config.run_id,
-            "model": model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "lr_scheduler": self.lr_scheduler.state_dict() if self.lr_scheduler is not None else None,
-            "trainer": trainer_state or self.state_dict(),
-            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
-            "rng": dist.gather_objects(get_rng_state()),  # one per process
-            "config": self.config.config,
-        }
-
-    def _save_checkpoint(self, epoch, periodic: bool, best: bool, step=None, trainer_state=None):
-        """Write checkpoint-epoch<N>[-step<S>].pth and/or model_best.pth from one serialization;
-        return the path written (or None). Each file is replaced atomically, and older
-        checkpoints beyond keep_last are deleted only after the new one is on disk."""
+    def _save_checkpoint(self, periodic: bool, best: bool):
+        """Write checkpoint-epoch<N>[-step<S>].pth and/or model_best.pth (rank 0); the path, or None."""
         if not (periodic or best):
             return None
         if not all(torch.isfinite(p).all() for p in self.model.parameters()):  # one host sync per tensor
-            raise TrainingError(f"non-finite weights in epoch {epoch} after step {self.global_step}; no checkpoint "
-                                "of them was written")
-        checkpoint = self._checkpoint(epoch, trainer_state)  # under torchrun, every process takes part
-        path = self.config.save_dir / (checkpoint_name(epoch, step) if periodic else "model_best.pth")
-        if not dist.is_main_process():
-            return path
-        data = serialize(checkpoint)
-        if periodic:
-            atomic_write_bytes(data, path)
-            self.logger.info("Saving checkpoint: %s ...", path)
-            if self.keep_last:
-                for old in list_checkpoints(self.config.save_dir)[:-self.keep_last]:
-                    old.unlink()
-        if best:
-            atomic_write_bytes(data, self.config.save_dir / "model_best.pth")
-            self.logger.info("Saving current best: model_best.pth ...")
+            raise TrainingError(f"non-finite weights in epoch {self.epoch + (self.batches_done > 0)} after step "
+                                f"{self.global_step}; no checkpoint of them was written")
+        state = self.state_dict()  # under torchrun, every process takes part
+        step = self.global_step if self.batches_done else None
+        path = save_checkpoint(state, self.config.save_dir, state["epoch"], step, periodic, best,
+                               self.cfg["keep_last"], write=dist.is_main_process())
+        if dist.is_main_process():
+            self.logger.info("Saved %s", " and ".join([path.name] * periodic + ["model_best.pth"] * best))
         return path
 
-    def resume(self, checkpoint: dict, path) -> None:
-        """Restore model, optimizer, scheduler, counters and RNG states from a loaded checkpoint."""
-        load_model_state(unwrap_model(self.model), checkpoint, path)
-        self.optimizer.load_state_dict(checkpoint["optimizer"])
-        if (checkpoint["lr_scheduler"] is None) != (self.lr_scheduler is None):
-            raise ConfigError(f"{path}: lr_scheduler differs from the one the checkpoint was trained with")
-        if self.lr_scheduler is not None:
-            self.lr_scheduler.load_state_dict(checkpoint["lr_scheduler"])
-        if self.scaler is not None and checkpoint["scaler"]:
-            self.scaler.load_state_dict(checkpoint["scaler"])
-        self.load_state_dict(checkpoint["trainer"])
-        self._resumed_at = position_of(checkpoint)
-        if len(checkpoint["rng"]) == dist.world_size():
-            set_rng_state(checkpoint["rng"][dist.rank()])
-        else:
-            self.logger.warning("%s was saved by %d processes, this run has %d: RNG states not restored, "
-                                "so the run continues correctly but not bitwise as it would have.",
-                                path, len(checkpoint["rng"]), dist.world_size())
-        self.logger.info("Resumed from %s: epoch %d, step %d.", path, self.epoch, self.global_step)
+    def _preempted(self, path):
+        signum = self.stop_request.signum or signal.SIGTERM  # under torchrun another rank may have got it
+        self.logger.warning("Stopped by %s after step %d; saved %s. Resume with: python train.py -r %s",
+                            signal.Signals(signum).name, self.global_step, path.name, path)
+        raise Preempted(signum, path)

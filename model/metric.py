@@ -1,19 +1,38 @@
-"""Metrics named in `metrics` in the config: fn(output, target) -> scalar tensor, a batch mean.
+"""Metrics named in `metrics` in the config.
 
-They return tensors, not floats, so the Trainer can sum them on the device without a host
-sync every step. The Trainer weights each batch's value by its size.
+Two forms. A function (output, target) -> tensor is a batch mean (accuracy, a mean error); it is
+weighted by the batch size, which is exact for per-sample means. A metric that is not a mean of
+per-sample values (F1, AUC) subclasses Metric: batch_sums() returns sums that add up over batches,
+compute_from() turns the epoch's sums into the value, so it is exact at any batch size and order.
 """
 import torch
+
+from base.base_metric import Metric
 
 
 def accuracy(output, target):
     """Fraction of samples whose arg-max class is the target."""
-    with torch.no_grad():
-        return (output.argmax(dim=1) == target).float().mean()
+    return (output.argmax(dim=1) == target).float().mean()
 
 
 def top_k_acc(output, target, k=3):
     """Fraction of samples whose target is among the k highest-scored classes."""
-    with torch.no_grad():
-        top = output.topk(k, dim=1).indices
-        return (top == target.unsqueeze(1)).any(dim=1).float().mean()
+    top = output.topk(k, dim=1).indices
+    return (top == target.unsqueeze(1)).any(dim=1).float().mean()
+
+
+class MacroF1(Metric):
+    """F1 of each class, averaged over the classes, from the epoch's confusion matrix."""
+
+    def batch_sums(self, output, target):
+        n_classes = output.shape[1]
+        cells = target * n_classes + output.argmax(dim=1)  # row: true class, column: predicted
+        # index_add_, not bincount: bincount's output size would need a host sync
+        return torch.zeros(n_classes * n_classes, device=output.device).index_add_(
+            0, cells, torch.ones_like(cells, dtype=torch.float)).view(n_classes, n_classes)
+
+    def compute_from(self, sums):
+        cm = sums.view(-1).view(round(sums.numel() ** 0.5), -1).double()
+        support = cm.sum(0) + cm.sum(1)  # a class counts if it is a target or a prediction
+        f1 = 2 * cm.diag() / support.clamp_min(1)
+        return f1[support > 0].mean()

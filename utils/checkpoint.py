@@ -12,8 +12,10 @@ from pathlib import Path
 import torch
 
 from utils.errors import CheckpointError
+from utils.util import atomic_write_bytes
 
-CHECKPOINT_KEYS = {"arch", "epoch", "run_id", "model", "optimizer", "lr_scheduler", "trainer", "scaler", "rng", "config"}
+CHECKPOINT_KEYS = {"arch", "epoch", "run_id", "model", "optimizer", "lr_scheduler", "trainer", "scaler", "metrics",
+                   "rng", "config"}
 _NAME = re.compile(r"checkpoint-epoch(\d+)(?:-step(\d+))?\.pth$")
 
 
@@ -37,6 +39,8 @@ def position_of(checkpoint: dict):
 def supersede_after(run_dir, position) -> list:
     """Move the run's checkpoints that lie after `position` into <run_dir>/superseded/: a run resumed
     from an earlier point must not later resume (or prune) onto the future it abandoned."""
+    for stale in Path(run_dir).glob(".*.tmp"):  # a save cut short by a crash
+        stale.unlink()
     later = [p for p in list_checkpoints(run_dir) if _position(p) > position]
     if later:
         (Path(run_dir) / "superseded").mkdir(exist_ok=True)
@@ -117,8 +121,19 @@ def load_model_state(model, checkpoint, path) -> None:
     model.load_state_dict(state)
 
 
-def serialize(checkpoint: dict) -> bytes:
-    """The checkpoint as bytes, so one serialization can be written to several files."""
+def save_checkpoint(state, run_dir, epoch, step, periodic, best, keep_last, write=True) -> Path:
+    """Write checkpoint-epoch<N>[-step<S>].pth (periodic) and/or model_best.pth from one serialization,
+    each replaced atomically; beyond keep_last, older checkpoints are deleted only after the new one
+    is on disk. Returns the periodic file's path (model_best.pth's if only best)."""
+    path = Path(run_dir) / (checkpoint_name(epoch, step) if periodic else "model_best.pth")
+    if not write:  # under torchrun only rank 0 writes
+        return path
     buffer = io.BytesIO()
-    torch.save(checkpoint, buffer)
-    return buffer.getvalue()
+    torch.save(state, buffer)
+    if periodic:
+        atomic_write_bytes(buffer.getvalue(), path)
+        for old in list_checkpoints(run_dir)[:-keep_last] if keep_last else ():
+            old.unlink()
+    if best:
+        atomic_write_bytes(buffer.getvalue(), Path(run_dir) / "model_best.pth")
+    return path

@@ -35,10 +35,10 @@ def is_main_process() -> bool:
     return rank() == 0
 
 
-def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
-    """Sum `tensor` over all processes, in place."""
+def all_reduce(tensor: torch.Tensor, op="sum") -> torch.Tensor:
+    """Sum (or max) `tensor` over all processes, in place."""
     if is_distributed():
-        dist.all_reduce(tensor)
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
     return tensor
 
 
@@ -46,7 +46,7 @@ def any_process(flag: bool, device) -> bool:
     """True on every process if `flag` is true on any (a collective: every process must call it)."""
     if not is_distributed():
         return flag
-    return bool(all_reduce_sum(torch.tensor([float(flag)], device=device)).item())
+    return bool(all_reduce(torch.tensor([float(flag)], device=device)).item())
 
 
 def broadcast_object(obj):

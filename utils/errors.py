@@ -1,3 +1,6 @@
+REQUIRED = object()  # the default of a config key that has none
+
+
 class UserError(Exception):
     """A mistake in the user's input (config, command line, data files, checkpoint).
 

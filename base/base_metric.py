@@ -1,0 +1,120 @@
+"""Dataset-level metrics: accumulate per batch, compute once per epoch.
+
+A Metric keeps its state as one tensor of sums (`self.sums`): sums add up over batches in any order
+and over processes, so the result does not depend on the batch size, the engine can all_reduce
+them under torchrun, and a mid-epoch checkpoint can store them. update() stays on the device.
+"""
+import re
+
+import torch
+
+import utils.dist as dist
+
+
+class Metric:
+    """Subclass and implement batch_sums(output, target) -> tensor and compute_from(sums) -> float."""
+
+    def __init__(self):
+        self.sums = None
+
+    def reset(self):
+        self.sums = None
+
+    def update(self, output, target):
+        batch = self.batch_sums(output, target)
+        self.sums = batch if self.sums is None else self.sums + batch
+
+    def compute(self):
+        return float(self.compute_from(self.sums)) if self.sums is not None else float("nan")
+
+
+class BatchMean(Metric):
+    """A function (output, target) -> batch-mean tensor, weighted by the batch size."""
+
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def batch_sums(self, output, target):
+        value = torch.as_tensor(self.fn(output, target)).detach().float()
+        n = batch_size(target)
+        return torch.stack([value * n, torch.full_like(value, n)])
+
+    def compute_from(self, sums):
+        return sums[0] / sums[1]
+
+
+def snake_case(name: str) -> str:
+    """MacroF1 -> macro_f1, TopKAccuracy -> top_k_accuracy; snake_case names stay as they are."""
+    return re.sub(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])", "_", name).lower()
+
+
+class MetricTracker:
+    """The loss and the metrics of one phase (training or validation): update per batch, compute
+    per epoch. Objects with update/compute/reset that are not Metrics (e.g. torchmetrics) work too;
+    they sync across processes themselves."""
+
+    def __init__(self, metrics: dict):
+        self.metrics = {"loss": BatchMean(lambda loss, target: loss), **metrics}
+
+    def reset(self):
+        for m in self.metrics.values():
+            m.reset()
+
+    def update(self, loss, output, target, n_real=None):
+        if n_real is not None:  # drop the samples that pad the last DDP shard
+            output, target = head(output, n_real), head(target, n_real)
+            if n_real == 0:
+                return
+        with torch.no_grad():
+            self.metrics["loss"].update(loss.detach(), target)
+            for name, m in self.metrics.items():
+                if name != "loss":
+                    m.update(output.detach() if torch.is_tensor(output) else output, target)
+
+    def compute(self, device) -> dict:
+        """Every value; under torchrun over the samples of all processes (one collective)."""
+        own = [m for m in self.metrics.values() if isinstance(m, Metric)]
+        if dist.is_distributed() and own:
+            # A process that saw no batch contributes zeros (of the size the others agree on).
+            sizes = dist.all_reduce(torch.tensor([0 if m.sums is None else m.sums.numel() for m in own],
+                                                 device=device), op="max").tolist()
+            flat = dist.all_reduce(torch.cat([torch.zeros(s, device=device, dtype=torch.float64) if m.sums is None
+                                              else m.sums.to(device, torch.float64).flatten()
+                                              for m, s in zip(own, sizes)]))
+            for m, part in zip(own, flat.split(sizes)):
+                m.sums = part if m.sums is None else part.view(m.sums.shape)
+        return {name: float(m.compute()) for name, m in self.metrics.items()}
+
+    def state_dict(self) -> dict:
+        return {name: m.sums.cpu() if m.sums is not None else None
+                for name, m in self.metrics.items() if isinstance(m, Metric)}
+
+    def load_state_dict(self, state: dict, device) -> None:
+        for name, sums in state.items():
+            self.metrics[name].sums = sums.to(device) if sums is not None else None
+
+
+def batch_size(x) -> int:
+    """Samples in a batch: the length of its first tensor (of a tuple, list or dict batch)."""
+    if torch.is_tensor(x):
+        return x.shape[0] if x.dim() else 1
+    values = x.values() if isinstance(x, dict) else x if isinstance(x, (list, tuple)) else ()
+    return next((batch_size(v) for v in values if batch_size(v)), 0)
+
+
+def head(x, n):
+    """The first n samples of a tensor, or of every tensor in a tuple, list or dict."""
+    if torch.is_tensor(x):
+        return x[:n]
+    if isinstance(x, dict):
+        return {k: head(v, n) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return type(x)(head(v, n) for v in x)
+    return x
+
+
+def metric_object(metric):
+    """A metric as the tracker uses it: an object with update/compute/reset as it is, a function
+    (output, target) -> batch mean wrapped in BatchMean."""
+    return metric if all(hasattr(metric, a) for a in ("update", "compute", "reset")) else BatchMean(metric)

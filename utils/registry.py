@@ -1,0 +1,63 @@
+"""The names a config may use: what the project's own packages define, and, by dotted name, what a
+fixed allowlist of well-known modules holds. Never an arbitrary import, a private or dunder name."""
+import difflib
+import importlib
+import inspect
+import pkgutil
+
+from utils.errors import ConfigError
+
+PROJECT_PACKAGES = ("model", "data_loader")
+ALLOWED_MODULES = ("torch.nn", "torch.optim", "torch.optim.lr_scheduler", "torchvision.models",
+                   "torchvision.datasets", "torchvision.transforms.v2")
+# Reachable, but this Trainer cannot drive them: LBFGS needs a closure that re-evaluates the loss.
+REFUSED = {"torch.optim.LBFGS": "it needs a closure that re-evaluates the loss, which this Trainer does not pass"}
+
+
+class Registry:
+    """Resolves config names. Bare names: a public class or function defined in any file of the
+    project's packages, else in the section's `default` module (e.g. torch.optim for optimizers)."""
+
+    def __init__(self, packages=PROJECT_PACKAGES):
+        self.own, self.where = {}, {}
+        for package in packages:
+            pkg = importlib.import_module(package)
+            for info in pkgutil.iter_modules(pkg.__path__):
+                module = importlib.import_module(f"{package}.{info.name}")
+                for name, obj in vars(module).items():
+                    if not name.startswith("_") and callable(obj) and getattr(obj, "__module__", "") == module.__name__:
+                        self.where.setdefault(name, []).append(f"{package}/{info.name}.py")
+                        self.own[name] = obj
+
+    def resolve(self, name, where, default=None):
+        """The object `name` refers to, or a ConfigError saying what exists and how to add a name."""
+        if not isinstance(name, str) or not name or any(p.startswith("_") for p in name.split(".")):
+            raise self._unknown(name, where, default)
+        if "." not in name:
+            if len(self.where.get(name, ())) > 1:
+                raise ConfigError(f"{where}: {name!r} is defined in both {' and '.join(self.where[name])}; rename one")
+            if name in self.own:
+                return self.own[name]
+            name = f"{default}.{name}" if default else name
+        module, _, attr = name.rpartition(".")
+        if module not in ALLOWED_MODULES:
+            raise self._unknown(name, where, default)
+        if name in REFUSED:
+            raise ConfigError(f"{where}: {name} is not supported: {REFUSED[name]}")
+        obj = getattr(importlib.import_module(module), attr, None)
+        if not callable(obj) or inspect.ismodule(obj):
+            raise self._unknown(name, where, default, module)
+        return obj
+
+    def _unknown(self, name, where, default, module=None):
+        shown = repr(name)[:80]
+        if module:  # a dotted name in an allowed module: suggest its close matches
+            names = [n for n in dir(importlib.import_module(module)) if not n.startswith("_")]
+            close = difflib.get_close_matches(name.rpartition(".")[2], names, n=3)
+            hint = f"did you mean {' or '.join(f'{module}.{c}' for c in close)}?" if close else f"see {module}"
+            return ConfigError(f"{where}: unknown name {shown}; {hint}")
+        own = ", ".join(sorted(self.own))
+        return ConfigError(f"{where}: unknown name {shown}; available: {own}"
+                           + (f", any {default} name" if default else "")
+                           + f", or a dotted name in {', '.join(ALLOWED_MODULES)}; to add your own, define it "
+                           f"in any file under {'/ or '.join(PROJECT_PACKAGES)}/")
