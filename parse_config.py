@@ -38,7 +38,7 @@ SECTIONS = {"data_loader": LOADER_DEFAULTS, "trainer": TRAINER_DEFAULTS}
 # Where a bare name is looked up after the project's own packages.
 DEFAULT_MODULES = {"optimizer": "torch.optim", "lr_scheduler": "torch.optim.lr_scheduler",
                    "train_transform": "torchvision.transforms.v2", "eval_transform": "torchvision.transforms.v2"}
-EXTRA_KEYS = {"valid_dataset": ("optional",), "metrics": ("name",), "lr_scheduler": ("interval",)}
+EXTRA_KEYS = {"valid_dataset": ("optional",), "test_dataset": ("optional",), "metrics": ("name",), "lr_scheduler": ("interval",)}
 
 
 def load_config_file(path):
@@ -317,9 +317,11 @@ class ConfigParser:
         except (TypeError, ValueError) as e:
             raise ConfigError(f"{where(path)}.args: {spec['type']} rejected {json.dumps(spec['args'])[:200]}: "
                               f"{str(e)[:300]}") from None
-        except (OSError, RuntimeError) as e:  # a dataset's missing files
+        except (OSError, RuntimeError) as e:  # a dataset's missing files, a failed download
             if not path.startswith("data_loader"):
-                raise
+                if isinstance(e, RuntimeError):
+                    raise
+                raise ConfigError(f"{where(path)}: {spec['type']} failed: {str(e).strip()[:300]}") from None
             raise DataError(f"{where(path)}: {spec['type']} failed: {str(e).strip()[:300]}{_files_hint(obj, spec)}") \
                 from None
 

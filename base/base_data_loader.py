@@ -19,7 +19,8 @@ LOADER_DEFAULTS = {
     "dataset": (REQUIRED, dict, "the data: {type: a Dataset class (yours, or torchvision.datasets.*), args}"),
     "valid_dataset": (None, (dict, NoneType), "validation data {type, args[, optional: true]}; null = "
                                               "validation_split of dataset (also when optional and absent)"),
-    "test_dataset": (None, (dict, NoneType), "test data for test.py {type, args}; null = test_split of dataset"),
+    "test_dataset": (None, (dict, NoneType), "test data for test.py {type, args[, optional: true]}; null = "
+                                             "test_split of dataset (also when optional and absent)"),
     "validation_split": (0.0, float, "fraction of dataset held out for validation (when valid_dataset is null)"),
     "test_split": (0.0, float, "fraction of dataset held out for test.py (when test_dataset is null)"),
     "batch_size": (32, int, "samples per batch (per process under torchrun)"),
