@@ -6,7 +6,6 @@ Parsing has no side effects; make_run_dirs() is the one explicit step that creat
 The programs hand the parser a Registry (utils/registry.py): the only names it may build.
 """
 import copy
-import difflib
 import functools
 import inspect
 import json
@@ -17,7 +16,8 @@ import torch
 
 from base.base_data_loader import LOADER_DEFAULTS
 from base.base_metric import snake_case
-from base.base_trainer import TRAINER_DEFAULTS, parse_monitor
+from base.base_trainer import TRAINER_DEFAULTS
+from utils.config_file import apply_override, check_keys, check_type, get_path, load_config_file, where  # noqa: F401
 from utils.errors import REQUIRED, ConfigError, DataError
 
 # key: (default, allowed type(s), description). The README's config reference mirrors these tables.
@@ -41,43 +41,6 @@ DEFAULT_MODULES = {"optimizer": "torch.optim", "lr_scheduler": "torch.optim.lr_s
 EXTRA_KEYS = {"valid_dataset": ("optional",), "test_dataset": ("optional",), "metrics": ("name",), "lr_scheduler": ("interval",)}
 
 
-def load_config_file(path):
-    """Parse a .json, .yaml or .yml file into a dict; errors name the file, line and column."""
-    path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as e:
-        raise ConfigError(f"cannot read config {path}: {e.strerror}") from None
-    if path.suffix in (".yaml", ".yml"):
-        import yaml  # only YAML configs need it
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            at = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
-            raise ConfigError(f"{path}{at}: invalid YAML: {getattr(e, 'problem', None) or e}") from None
-    else:
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path}:{e.lineno}:{e.colno}: invalid JSON: {e.msg}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: the config must be a mapping of keys to values")
-    return data
-
-
-def where(path: str) -> str:
-    """'metrics.1.args' -> 'metrics[1].args': how messages name a key path."""
-    return "".join(f"[{p}]" if p.isdigit() else f".{p}" for p in path.split(".")).lstrip(".")
-
-
-def get_path(config, path: str):
-    node = config
-    for part in path.split("."):
-        node = node[int(part)] if isinstance(node, list) else node[part]
-    return node
-
-
 def spec_of(value) -> dict:
     """A {type, args} spec from a spec or a bare name."""
     return {"type": value, "args": {}} if isinstance(value, str) else value
@@ -94,40 +57,35 @@ def object_paths(config):
     return paths
 
 
-def _check_keys(section, schema, prefix):
-    unknown = [k for k in section if k not in schema]
-    if unknown:
-        close = [prefix + k for k in difflib.get_close_matches(unknown[0], list(schema), n=3, cutoff=0.6)]
-        hint = f"; did you mean {' or '.join(close)}?" if close else f"; known keys: {', '.join(schema)}"
-        raise ConfigError(f"{prefix}{unknown[0]}: unknown key{hint}")
-
-
-def _check_type(value, types, at):
-    types = types if isinstance(types, tuple) else (types,)
-    # bool is an int in Python, but `epochs: true` is a mistake, not 1 epoch.
-    ok = any(isinstance(value, t) and not (isinstance(value, bool) and t in (int, float)) for t in types) \
-        or (float in types and type(value) is int)
-    if not ok:
-        names = " or ".join("null" if t is type(None) else t.__name__ for t in types)
-        raise ConfigError(f"{at}: expected {names}, got {json.dumps(value, default=str)[:80]}")
+def parse_monitor(monitor: str, metric_names):
+    """('min'|'max', metric) from a trainer.monitor string, or ('off', None); ConfigError if malformed."""
+    if monitor == "off":
+        return "off", None
+    names = ["loss", *metric_names]
+    names += ["val_" + n for n in names]
+    parts = monitor.split()
+    if len(parts) != 2 or parts[0] not in ("min", "max") or parts[1] not in names:
+        raise ConfigError(f"trainer.monitor: {monitor[:80]!r} is not 'off' or 'min|max METRIC' "
+                          f"with METRIC one of {', '.join(names)}")
+    return parts[0], parts[1]
 
 
 def with_defaults(raw):
     """`raw` with every missing key of the top level, data_loader and trainer set to its default."""
-    _check_keys(raw, TOP_LEVEL, "")
+    check_keys(raw, TOP_LEVEL, "")
     config = {}
     for key, (default, types, _) in TOP_LEVEL.items():
         if key not in raw and default is REQUIRED:
             raise ConfigError(f"{key}: missing required key")
         config[key] = copy.deepcopy(raw.get(key, default))
-        _check_type(config[key], types, key)
+        check_type(config[key], types, key)
     for section, schema in SECTIONS.items():
-        _check_keys(config[section], schema, f"{section}.")
+        check_keys(config[section], schema, f"{section}.")
         for key, (default, types, _) in schema.items():
             if key not in config[section] and default is REQUIRED:
                 raise ConfigError(f"{section}.{key}: missing required key")
             config[section][key] = config[section].get(key, copy.deepcopy(default))
-            _check_type(config[section][key], types, f"{section}.{key}")
+            check_type(config[section][key], types, f"{section}.{key}")
     return config
 
 
@@ -146,13 +104,11 @@ class ConfigParser:
     continues an existing run (same run id and directories). registry: what names may build.
     """
 
-    def __init__(self, raw: dict, overrides=(), registry=None, run_id=None, resume=False, run_root=None):
-        if registry is None:
-            raise TypeError("ConfigParser needs the Registry of names it may build")
+    def __init__(self, raw: dict, overrides, registry, run_id=None, resume=False, run_root=None):
         self.registry = registry
         self.config = with_defaults(raw)
         for item in overrides:
-            self._apply_override(item)
+            apply_override(self.config, item, self._params)
         self.config = with_defaults(self.config)  # an added (+) key is still checked against the schema
         self._validate()
         self.resume = resume
@@ -178,50 +134,12 @@ class ConfigParser:
 
     # ---- overrides and validation ---------------------------------------------------------------
 
-    def _apply_override(self, item):
-        """Apply one `KEY.PATH=VALUE` (value read as JSON, else as a string); `+KEY.PATH=VALUE` adds a key."""
-        if "=" not in item:
-            raise ConfigError(f"override {item!r}: expected KEY.PATH=VALUE")
-        key, raw = item.split("=", 1)
-        add = key.startswith("+")
-        path = key.lstrip("+").split(".")
-        if not all(path):
-            raise ConfigError(f"override {item!r}: empty key in {key!r}")
-        try:
-            value = json.loads(raw)
-        except json.JSONDecodeError:
-            value = raw
-        node = self.config
-        for i, part in enumerate(path[:-1]):
-            if isinstance(node, list) and part.isdigit() and int(part) < len(node):
-                node = node[int(part)]
-                continue
-            if isinstance(node, dict) and part not in node and add:
-                node[part] = {}
-            if not isinstance(node, dict) or not isinstance(node.get(part), (dict, list)):
-                return self._unknown_key(path[:i + 1], item)
-            node = node[part]
-        # A constructor argument of the class a {type, args} names may be set without +.
-        settable = len(path) > 1 and path[-2] == "args" and path[-1] in self._params(".".join(path[:-2]))
-        if not isinstance(node, dict) or (path[-1] not in node and not add and not settable):
-            return self._unknown_key(path, item)
-        node[path[-1]] = value
-
     def _params(self, path):
+        """Constructor parameters of what the spec at `path` names (settable by override without +)."""
         try:
             return set(inspect.signature(self.resolve(path)).parameters)
         except (ConfigError, KeyError, IndexError, TypeError, ValueError):
             return set()
-
-    def _unknown_key(self, path, item):
-        def key_paths(tree, prefix=""):
-            for k, v in tree.items() if isinstance(tree, dict) else ():
-                yield prefix + k
-                yield from key_paths(v, prefix + k + ".")
-        close = difflib.get_close_matches(".".join(path), list(key_paths(self.config)), n=3, cutoff=0.6)
-        hint = f"; did you mean {' or '.join(close)}?" if close else ""
-        raise ConfigError(f"override {item!r}: no key {'.'.join(path)!r} in the config{hint} "
-                          "(prefix with + to add a new key)")
 
     def _validate(self):
         """Check everything that can be checked before building anything; raise on the first fault."""
@@ -257,7 +175,7 @@ class ConfigParser:
         if len(set(names)) < len(names):
             raise ConfigError(f"metrics: two metrics are named {next(n for n in names if names.count(n) > 1)!r}; "
                               "give one a \"name\"")
-        mode, metric = parse_monitor(t["monitor"], names)
+        self.monitor = mode, metric = parse_monitor(t["monitor"], names)
         if (metric or "").startswith("val_") and not (d["validation_split"] or d["valid_dataset"]):
             raise ConfigError(f"trainer.monitor: {metric} needs validation data (data_loader.validation_split "
                               "or data_loader.valid_dataset)")
@@ -279,13 +197,13 @@ class ConfigParser:
         value = get_path(self.config, path)
         if isinstance(value, str):
             return self.resolve(path)
-        _check_type(value, dict, where(path))
+        check_type(value, dict, where(path))
         section = path.split(".")[-2] if path.split(".")[-1].isdigit() else path.split(".")[-1]
-        _check_keys(value, ("type", "args", *EXTRA_KEYS.get(section, ())), where(path) + ".")
+        check_keys(value, ("type", "args", *EXTRA_KEYS.get(section, ())), where(path) + ".")
         if "type" not in value:
             raise ConfigError(f"{where(path)}.type: missing required key")
         value.setdefault("args", {})
-        _check_type(value["args"], dict, f"{where(path)}.args")
+        check_type(value["args"], dict, f"{where(path)}.args")
         obj = self.resolve(path)
         extra = (None,) if path in ("optimizer", "lr_scheduler") else ()  # parameters / the optimizer
         try:

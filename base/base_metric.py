@@ -9,6 +9,7 @@ import re
 import torch
 
 import utils.dist as dist
+from utils.util import tree_map
 
 
 class Metric:
@@ -63,7 +64,7 @@ class MetricTracker:
 
     def update(self, loss, output, target, n_real=None):
         if n_real is not None:  # drop the samples that pad the last DDP shard
-            output, target = head(output, n_real), head(target, n_real)
+            output, target = (tree_map(lambda t: t[:n_real], x) for x in (output, target))
             if n_real == 0:
                 return
         with torch.no_grad():
@@ -101,17 +102,6 @@ def batch_size(x) -> int:
         return x.shape[0] if x.dim() else 1
     values = x.values() if isinstance(x, dict) else x if isinstance(x, (list, tuple)) else ()
     return next((batch_size(v) for v in values if batch_size(v)), 0)
-
-
-def head(x, n):
-    """The first n samples of a tensor, or of every tensor in a tuple, list or dict."""
-    if torch.is_tensor(x):
-        return x[:n]
-    if isinstance(x, dict):
-        return {k: head(v, n) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return type(x)(head(v, n) for v in x)
-    return x
 
 
 def metric_object(metric):

@@ -15,11 +15,11 @@ import torch
 
 import utils.dist as dist
 from base.base_metric import MetricTracker, batch_size
-from logger import MetricsCSV, TensorboardWriter, progress_bar
-from utils.checkpoint import list_checkpoints, load_model_state, position_of, save_checkpoint, supersede_after
+from logger import RunOutputs, progress_bar
+from utils.checkpoint import load_model_state, position_of, save_checkpoint, supersede_after
 from utils.errors import CheckpointError, ConfigError, TrainingError
 from utils.preemption import Preempted, StopRequest
-from utils.util import get_rng_state, set_rng_state, unwrap_model
+from utils.util import get_rng_state, set_rng_state, tree_map, unwrap_model
 
 NoneType = type(None)
 # key: (default, allowed type(s), description). The README's config reference mirrors this table.
@@ -48,30 +48,6 @@ TRAINER_DEFAULTS = {
 }
 
 
-def parse_monitor(monitor: str, metric_names):
-    """('min'|'max', metric) from a trainer.monitor string, or ('off', None); ConfigError if malformed."""
-    if monitor == "off":
-        return "off", None
-    names = ["loss", *metric_names]
-    names += ["val_" + n for n in names]
-    parts = monitor.split()
-    if len(parts) != 2 or parts[0] not in ("min", "max") or parts[1] not in names:
-        raise ConfigError(f"trainer.monitor: {monitor[:80]!r} is not 'off' or 'min|max METRIC' "
-                          f"with METRIC one of {', '.join(names)}")
-    return parts[0], parts[1]
-
-
-def to_device(batch, device):
-    """A batch (a tensor, or a tuple, list or dict of them) on `device`."""
-    if torch.is_tensor(batch):
-        return batch.to(device, non_blocking=True)
-    if isinstance(batch, dict):
-        return {k: to_device(v, device) for k, v in batch.items()}
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(to_device(v, device) for v in batch)
-    return batch
-
-
 def image_batch(batch):
     """The batch's first tensor if it holds images (N, C, H, W with C in 1, 3, 4), else None."""
     first = next(iter(batch.values() if isinstance(batch, dict) else batch), None) \
@@ -96,7 +72,7 @@ class BaseTrainer:
         self.cfg = cfg
         # One tracker for both phases: training's values are computed before validation resets it.
         self.metrics = MetricTracker(metrics)
-        self.mnt_mode, self.mnt_metric = parse_monitor(cfg["monitor"], list(metrics))
+        self.mnt_mode, self.mnt_metric = config.monitor
         if cfg["amp"] == "fp16" and device.type != "cuda":
             raise ConfigError("trainer.amp: fp16 needs a CUDA device; use \"bf16\" on the CPU")
         amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg["amp"])
@@ -110,7 +86,7 @@ class BaseTrainer:
             len(data_loader) if data_loader is not None else 0
         self.distributed = dist.is_distributed()
         self.stop_request = StopRequest()
-        self.writer = self.csv = self.images = None
+        self.outputs = self.images = None
         # Run state: all of it goes into state_dict() and so into every checkpoint.
         self.epoch = 0  # last finished epoch
         self.global_step = 0  # optimizer steps taken
@@ -174,13 +150,18 @@ class BaseTrainer:
         Raises Preempted after saving the exact position when SIGTERM / SIGINT arrives, and
         TrainingError (saving nothing) when the loss stops being finite.
         """
-        self._open_outputs()
+        if dist.is_main_process():  # only rank 0 writes
+            if self.config.resume:  # forget what was logged and saved after the resumed checkpoint
+                for moved in supersede_after(self.config.save_dir, self.resumed_at):
+                    self.logger.info("Moved %s, saved after the resumed checkpoint, to superseded/", moved.name)
+            self.outputs = RunOutputs(self.config.log_dir, self.cfg["tensorboard"],
+                                      (self.epoch, self.global_step) if self.config.resume else None)
         try:
             with self.stop_request:
                 self._train_epochs()
         finally:
-            if self.writer is not None:
-                self.writer.close()
+            if self.outputs is not None:
+                self.outputs.close()
 
     def _train_epochs(self):
         if self._stopped_early():
@@ -206,7 +187,10 @@ class BaseTrainer:
             log["samples_per_second"] = n_samples * dist.world_size() / train_seconds  # all processes
             self.epoch = epoch
             improved = self._update_monitor(log)
-            self._write_epoch_outputs({"epoch": epoch, **log})
+            for key, value in {"epoch": epoch, **log}.items():
+                self.logger.info("    %-20s: %s", key, value)
+            if self.outputs is not None:
+                self.outputs.write_epoch({"epoch": epoch, **log}, self.global_step, self.images)
             stop = self._stopped_early()
             preempted = dist.any_process(self.stop_request.signum is not None, self.device)
             periodic = epoch % self.cfg["save_period"] == 0 or epoch == self.cfg["epochs"] or stop or preempted
@@ -239,7 +223,7 @@ class BaseTrainer:
         batches = itertools.islice(self._batch_stream((epoch - 1) * self.batches_per_epoch + done), n - done)
         bar = progress_bar(total=n, initial=done, desc=f"Epoch {epoch} train")
         for i, (batch, n_real) in enumerate(batches, start=done):
-            batch = to_device(batch, self.device)
+            batch = tree_map(lambda t: t.to(self.device, non_blocking=True), batch)
             window_start = i - i % self.accumulate_steps
             window = min(self.accumulate_steps, n - window_start)  # the epoch's last may be short
             last_in_window = i + 1 == window_start + window
@@ -286,8 +270,8 @@ class BaseTrainer:
                                     "of these weights was written")
             bar.set_postfix_str(f"loss={running:.4f}", refresh=False)
             self.logger.debug("Train epoch %d [%d/%d] loss: %.6f", epoch, self.batches_done, n_batches, step_loss)
-            if self.writer is not None:
-                self.writer.add_scalars("train_step", {"loss": step_loss}, self.global_step)
+            if self.outputs is not None and self.outputs.writer is not None:
+                self.outputs.writer.add_scalars("train_step", {"loss": step_loss}, self.global_step)
         # Under torchrun the processes must stop at the same step: they agree every log_step steps.
         stop = self.stop_request.signum is not None if not self.distributed else \
             (self.global_step - 1) % self.cfg["log_step"] == 0 and dist.any_process(self.stop_request.signum is not None,
@@ -306,7 +290,7 @@ class BaseTrainer:
         with torch.no_grad():
             for batch in progress_bar(itertools.islice(loader, max_batches), total=max_batches or len(loader), desc=desc):
                 with self.autocast():
-                    loss, output, target = self.step(to_device(batch, self.device))
+                    loss, output, target = self.step(tree_map(lambda t: t.to(self.device, non_blocking=True), batch))
                 tracker.update(loss, output, target)
         return tracker.compute(self.device)
 
@@ -336,30 +320,6 @@ class BaseTrainer:
         else:
             self.not_improved_count += 1
         return improved
-
-    def _open_outputs(self):
-        if not dist.is_main_process():  # only rank 0 writes
-            return
-        self.csv = MetricsCSV(self.config.log_dir / "metrics.csv")
-        if self.config.resume:  # forget what was logged after the checkpoint we resume from
-            self.csv.truncate(self.epoch)
-            for moved in supersede_after(self.config.save_dir, self.resumed_at):
-                self.logger.info("Moved %s, saved after the resumed checkpoint, to superseded/", moved.name)
-        if self.cfg["tensorboard"]:
-            self.writer = TensorboardWriter(self.config.log_dir, self.global_step + 1 if self.config.resume else None)
-
-    def _write_epoch_outputs(self, log):
-        for key, value in log.items():
-            self.logger.info("    %-20s: %s", key, value)
-        if self.csv is None:
-            return
-        self.csv.append(log)
-        if self.writer is not None:
-            self.writer.add_scalars("train", {k: v for k, v in log.items() if k[:4] != "val_" and k != "epoch"},
-                                    self.global_step)
-            self.writer.add_scalars("valid", {k[4:]: v for k, v in log.items() if k[:4] == "val_"}, self.global_step)
-            if self.images is not None:
-                self.writer.add_images("train/input", self.images, self.global_step)
 
     def _save_checkpoint(self, periodic: bool, best: bool):
         """Write checkpoint-epoch<N>[-step<S>].pth and/or model_best.pth (rank 0); the path, or None."""

@@ -1,4 +1,4 @@
-"""Per-epoch outputs of a run: TensorBoard event files and metrics.csv."""
+"""Per-epoch outputs of a run (rank 0): TensorBoard event files and metrics.csv."""
 import csv
 import io
 from pathlib import Path
@@ -65,3 +65,25 @@ class MetricsCSV:
         writer.writeheader()
         writer.writerows(rows)
         atomic_write_text(out.getvalue(), self.path)
+
+
+class RunOutputs:
+    """metrics.csv and TensorBoard of a run. `resumed_at` (epoch, step): drop what was logged after it."""
+
+    def __init__(self, log_dir, tensorboard: bool, resumed_at=None):
+        self.csv = MetricsCSV(Path(log_dir) / "metrics.csv")
+        if resumed_at is not None:
+            self.csv.truncate(resumed_at[0])
+        self.writer = TensorboardWriter(log_dir, resumed_at[1] + 1 if resumed_at else None) if tensorboard else None
+
+    def write_epoch(self, log: dict, step: int, images=None):
+        self.csv.append(log)
+        if self.writer is not None:
+            self.writer.add_scalars("train", {k: v for k, v in log.items() if k[:4] != "val_" and k != "epoch"}, step)
+            self.writer.add_scalars("valid", {k[4:]: v for k, v in log.items() if k[:4] == "val_"}, step)
+            if images is not None:
+                self.writer.add_images("train/input", images, step)
+
+    def close(self):
+        if self.writer is not None:
+            self.writer.close()

@@ -34,7 +34,7 @@ TIME_COLUMNS = ("epoch_seconds", "samples_per_second")
 
 @pytest.fixture(autouse=True, scope="session")
 def _in_repo_root():
-    """config.json's data_dir ("data/") is relative to the repository root."""
+    """config.json's data_loader.dataset.args.root ("data/") is relative to the repository root."""
     old = os.getcwd()
     os.chdir(ROOT)
     yield
@@ -97,6 +97,20 @@ def main_error(main, argv, capsys):
     finally:
         reset_logging()
     return exc.value.code, capsys.readouterr().err
+
+
+def parse_config(*overrides, config="config.json"):
+    """The ConfigParser of `config` (relative to the repository root) with KEY=VALUE overrides, as the
+    scripts build it; parsing writes nothing."""
+    from parse_config import ConfigParser, load_config_file
+    from utils.registry import Registry
+    return ConfigParser(load_config_file(ROOT / config), list(overrides), Registry())
+
+
+def digits_datasets(*overrides, seed=None):
+    """{"train", "valid", "test"} datasets of config.json's split (seed: the config's, 1, unless given)."""
+    from base.base_data_loader import make_datasets
+    return make_datasets(parse_config(*overrides, *([f"seed={seed}"] if seed is not None else [])))
 
 
 def train(save_dir, *overrides, run_id="run", config="config.json", extra=()):

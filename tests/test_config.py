@@ -3,25 +3,32 @@ import copy
 import json
 
 import pytest
+import torch
 import yaml
 
 import train as train_script
 from conftest import ROOT, assert_user_error, call_main, main_error, run_train
 from parse_config import ConfigParser, load_config_file
 from utils.errors import ConfigError
+from utils.registry import Registry
 
 BASE = json.loads((ROOT / "config.json").read_text())
 MINIMAL = {
     "name": "m",
     "arch": {"type": "DigitsModel"},
-    "data_loader": {"type": "DigitsDataLoader", "args": {"data_dir": "data/", "batch_size": 32}},
+    "data_loader": {"dataset": {"type": "DigitsDataset", "args": {"root": "data/"}}},
     "optimizer": {"type": "SGD", "args": {"lr": 0.1}},
     "loss": "nll_loss",
 }
+REGISTRY = Registry()  # building one imports the project's packages: once per module
+
+
+def parser(raw=None, *overrides, **kwargs):
+    return ConfigParser(copy.deepcopy(BASE if raw is None else raw), list(overrides), REGISTRY, **kwargs)
 
 
 def parse(raw=None, *overrides):
-    return ConfigParser(copy.deepcopy(BASE if raw is None else raw), list(overrides)).config
+    return parser(raw, *overrides).config
 
 
 # ---- defaults, file formats, precedence -------------------------------------------------------
@@ -33,6 +40,11 @@ def test_missing_keys_get_their_documented_defaults():
     assert config["metrics"] == []
     assert config["lr_scheduler"] is None
     assert config["arch"]["args"] == {}
+    d = config["data_loader"]
+    assert d["dataset"] == {"type": "DigitsDataset", "args": {"root": "data/"}}
+    assert (d["valid_dataset"], d["test_dataset"], d["validation_split"], d["test_split"]) == (None, None, 0.0, 0.0)
+    assert (d["batch_size"], d["shuffle"], d["num_workers"]) == (32, True, 0)
+    assert (d["train_transform"], d["eval_transform"]) == ([], [])
     t = config["trainer"]
     assert (t["epochs"], t["save_dir"], t["save_period"], t["verbosity"]) == (10, "saved/", 1, 2)
     assert (t["monitor"], t["early_stop"], t["tensorboard"], t["log_step"], t["len_epoch"]) == \
@@ -40,9 +52,9 @@ def test_missing_keys_get_their_documented_defaults():
 
 
 def test_parsing_touches_no_files(tmp_path):
-    parser = ConfigParser(copy.deepcopy(BASE), [f"trainer.save_dir={tmp_path / 'saved'}"])
+    config = parser(None, f"trainer.save_dir={tmp_path / 'saved'}")
     assert not (tmp_path / "saved").exists()
-    assert parser.save_dir == tmp_path / "saved" / "models" / "Digits_CNN" / parser.run_id
+    assert config.save_dir == tmp_path / "saved" / "models" / "Digits_CNN" / config.run_id
 
 
 @pytest.mark.parametrize("suffix", [".yaml", ".yml"])
@@ -50,7 +62,7 @@ def test_yaml_config_reads_like_the_json_one(tmp_path, suffix):
     path = tmp_path / f"config{suffix}"
     path.write_text(yaml.safe_dump(BASE, sort_keys=False))
     assert load_config_file(path) == load_config_file(ROOT / "config.json") == BASE
-    assert ConfigParser(load_config_file(path)).config == ConfigParser(copy.deepcopy(BASE)).config
+    assert parse(load_config_file(path)) == parse(BASE)
 
 
 def test_yaml_config_drives_a_dry_run(tmp_path):
@@ -84,10 +96,10 @@ def test_override_values_are_json_else_strings():
 def test_lr_and_bs_shortcuts(tmp_path):
     args = train_script.parse_args(["-c", "config.json", "--lr", "0.05", "--bs", "16",
                                     "trainer.epochs=3", f"trainer.save_dir={tmp_path}"])
-    config, checkpoint, _ = train_script.build_config(args)
+    config, checkpoint, _ = train_script.build_config(args, REGISTRY)
     assert checkpoint is None
     assert config["optimizer"]["args"]["lr"] == 0.05
-    assert config["data_loader"]["args"]["batch_size"] == 16
+    assert config["data_loader"]["batch_size"] == 16
     assert config["trainer"]["epochs"] == 3
     assert list(tmp_path.iterdir()) == []  # building the config wrote nothing
 
@@ -107,16 +119,22 @@ def test_unknown_override_key_is_an_error_naming_close_matches():
 
 
 def test_constructor_parameter_can_be_set_without_plus():
-    parser = ConfigParser(copy.deepcopy(BASE), ["arch.args.dropout=0.1"])
-    assert parser["arch"]["args"] == {"dropout": 0.1}
-    assert parser.init_obj("arch").dropout.p == 0.1
+    config = parser(None, "arch.args.dropout=0.1")
+    assert config["arch"]["args"] == {"dropout": 0.1}
+    assert config.init_obj("arch").dropout.p == 0.1
+    # any {type, args} spec: the optimizer (a torch.optim class), the dataset, a dotted torch.nn loss
+    config = parser(None, "optimizer.args.amsgrad=true", "data_loader.dataset.args.root=data",
+                    'loss={"type": "torch.nn.CrossEntropyLoss", "args": {}}', "loss.args.label_smoothing=0.2")
+    assert config["optimizer"]["args"] == {"lr": 0.002, "weight_decay": 0, "amsgrad": True}
+    assert config["data_loader"]["dataset"]["args"] == {"root": "data"}
+    assert config.init_ftn("loss").label_smoothing == 0.2
 
 
 def test_plus_adds_a_key():
-    parser = ConfigParser(copy.deepcopy(BASE), ["+arch.args.dropout=0.1", "+optimizer.args.amsgrad=true"])
-    assert parser["arch"]["args"]["dropout"] == 0.1
-    assert parser["optimizer"]["args"]["amsgrad"] is True
-    assert parser.init_obj("arch").dropout.p == 0.1
+    config = parser(None, "+arch.args.dropout=0.1", "+optimizer.args.amsgrad=true")
+    assert config["arch"]["args"]["dropout"] == 0.1
+    assert config["optimizer"]["args"]["amsgrad"] is True
+    assert config.init_obj("arch").dropout.p == 0.1
 
 
 def test_a_key_added_with_plus_is_still_validated():
@@ -129,6 +147,8 @@ def test_a_key_added_with_plus_is_still_validated():
 def test_unknown_constructor_argument_without_plus_is_unknown_key():
     with pytest.raises(ConfigError, match=r"no key 'arch\.args\.bogus'"):
         parse(None, "arch.args.bogus=1")
+    with pytest.raises(ConfigError, match=r"no key 'data_loader\.dataset\.args\.bogus'"):
+        parse(None, "data_loader.dataset.args.bogus=1")
 
 
 # ---- every config error: one line naming the key, exit 2, nothing written ---------------------
@@ -159,24 +179,43 @@ def case(id, raw, overrides, fragments):
 ERRORS = [
     case("missing-loss", _without("loss"), [], ["loss: missing required key"]),
     case("missing-arch-type", _with(arch={"args": {}}), [], ["arch.type: missing required key"]),
+    case("missing-dataset", _with(data_loader={"batch_size": 32}), [], ["data_loader.dataset: missing required key"]),
+    case("missing-dataset-type", _with(data_loader__dataset={"args": {}}), [],
+         ["data_loader.dataset.type: missing required key"]),
     case("unknown-top-level-key", {**_without("trainer"), "trainr": BASE["trainer"]}, [],
          ["trainr: unknown key", "trainer"]),
     case("unknown-trainer-key", _with(trainer__epoch=3), [], ["trainer.epoch: unknown key", "did you mean trainer.epochs"]),
+    case("unknown-loader-key", _with(data_loader__batchsize=3), [],
+         ["data_loader.batchsize: unknown key", "did you mean data_loader.batch_size"]),
+    case("old-loader-shape", _with(data_loader={"type": "DigitsDataLoader", "args": {"data_dir": "data/"}}), [],
+         ["data_loader.type: unknown key"]),
     case("epochs-string", _with(trainer__epochs="3"), [], ["trainer.epochs: expected int"]),
     case("epochs-bool", None, ["trainer.epochs=true"], ["trainer.epochs: expected int"]),
+    case("shuffle-not-a-bool", None, ["data_loader.shuffle=1"], ["data_loader.shuffle: expected bool"]),
     case("metrics-not-a-list", _with(metrics="accuracy"), [], ["metrics: expected list"]),
     case("name-with-slash", None, ["name=a/b"], ["name: "]),
+    # An unknown name lists the project's names, the allowlisted modules and how to add a name.
     case("unknown-arch", None, ["arch.type=Foo"],
-         ["arch.type: unknown name 'Foo'", "DigitsModel", "LinearModel", "MnistModel"]),
-    case("unknown-optimizer", None, ["optimizer.type=Adamm"], ["optimizer.type: unknown name 'Adamm'", "Adam", "SGD"]),
+         ["arch.type: unknown name 'Foo'", "DigitsModel", "LinearModel", "MnistModel", "torch.nn", "torchvision.models",
+          "define it in any file under model/ or data_loader/"]),
+    case("unknown-optimizer", None, ["optimizer.type=Adamm"],
+         ["optimizer.type: unknown name", "Adamm", "did you mean torch.optim.Adam"]),
     case("unknown-loss", None, ["loss=mse"], ["loss: unknown name 'mse'", "cross_entropy", "nll_loss"]),
     case("unknown-metric", None, ['metrics=["accuracy", "f1"]'], ["metrics[1]: unknown name 'f1'", "top_k_acc"]),
-    case("unknown-scheduler", None, ["lr_scheduler.type=Step"], ["lr_scheduler.type: unknown name 'Step'", "StepLR"]),
+    case("unknown-metric-spec", None, ['metrics=["accuracy", {"type": "F1"}]'], ["metrics[1].type: unknown name 'F1'"]),
+    case("unknown-scheduler", None, ["lr_scheduler.type=Step"],
+         ["lr_scheduler.type: unknown name", "Step", "did you mean torch.optim.lr_scheduler.StepLR"]),
+    case("unknown-dataset", None, ["data_loader.dataset.type=Digits"], ["data_loader.dataset.type: unknown name 'Digits'"]),
+    case("unknown-transform", None, ['data_loader.train_transform=[{"type": "RandomCropp"}]'],
+         ["data_loader.train_transform[0].type: unknown name", "did you mean torchvision.transforms.v2.RandomCrop"]),
     case("bad-monitor-string", None, ["trainer.monitor=maximum val_accuracy"], ["trainer.monitor", "'maximum val_accuracy'"]),
     case("monitor-one-word", None, ["trainer.monitor=val_loss"], ["trainer.monitor", "'val_loss'"]),
     case("monitor-unknown-metric", None, ["trainer.monitor=max val_f1"], ["trainer.monitor", "val_f1"]),
-    case("monitor-without-validation", None, ["data_loader.args.validation_split=0"],
+    case("monitor-without-validation", None, ["data_loader.validation_split=0"],
          ["trainer.monitor", "validation_split"]),
+    case("validation-split-one", None, ["data_loader.validation_split=1.0"], ["data_loader.validation_split: must be in [0, 1)"]),
+    case("splits-leave-no-training-data", None, ["data_loader.validation_split=0.5", "data_loader.test_split=0.6"],
+         ["data_loader", "no training samples"]),
     case("epochs-zero", None, ["trainer.epochs=0"], ["trainer.epochs: must be >= 1"]),
     case("save-period-zero", None, ["trainer.save_period=0"], ["trainer.save_period: must be >= 1"]),
     case("early-stop-negative", None, ["trainer.early_stop=-1"], ["trainer.early_stop: must be >= 0"]),
@@ -185,34 +224,90 @@ ERRORS = [
     case("arch-arg-not-taken", None, ["+arch.args.depth=3"],
          ["arch.args: ", "depth", "(signature: DigitsModel(num_classes=10, dropout=0.25))"]),
     case("optimizer-arg-not-taken", None, ["+optimizer.args.momentum=0.9"], ["optimizer.args: ", "momentum", "Adam("]),
-    case("loader-arg-set-by-program", None, ["data_loader.args.seed=3"], ["data_loader.args", "seed"]),
+    case("dataset-arg-not-taken", None, ["+data_loader.dataset.args.download=true"],
+         ["data_loader.dataset.args: ", "download", "DigitsDataset("]),
+    case("loss-arg-not-taken", None, ['loss={"type": "torch.nn.CrossEntropyLoss", "args": {"label_smoothin": 0.1}}'],
+         ["loss.args: ", "label_smoothin", "CrossEntropyLoss("]),
+    case("metric-arg-not-taken", None, ['metrics=[{"type": "MacroF1", "args": {"average": "micro"}}]'],
+         ["metrics[0].args: ", "average", "MacroF1("]),
+    case("metric-unknown-spec-key", None, ['metrics=[{"type": "accuracy", "nmae": "acc"}]'],
+         ["metrics[0].nmae: unknown key"]),
     case("scheduler-interval", None, ["+lr_scheduler.interval=batch"], ["lr_scheduler.interval"]),
     case("override-without-value", None, ["trainer.epochs"], ["expected KEY.PATH=VALUE"]),
     case("override-unknown-key", None, ["trainer.epoch=3"], ["'trainer.epoch'", "trainer.epochs"]),
-    case("missing-data-dir", None, ["data_loader.args.data_dir=no/such/dir"], ["data_loader.args.data_dir", "no/such/dir"]),
-    # Names are looked up only among the template's own classes: never an import or a builtin.
+    case("override-old-loader-path", None, ["data_loader.args.batch_size=16"],
+         ["no key 'data_loader.args'", "prefix with + to add a new key"]),
+    case("missing-data-dir", None, ["data_loader.dataset.args.root=no/such/dir"],
+         ["data_loader.dataset.args.root", "no/such/dir"]),
+    # Names are looked up among the project's own classes and functions, then in an allowlist of
+    # modules by dotted name: never an arbitrary import, a builtin, or a private or dunder name.
     case("arch-os.system", None, ["arch.type=os.system"], ["arch.type: unknown name 'os.system'"]),
     case("arch-eval", None, ["arch.type=eval"], ["arch.type: unknown name 'eval'"]),
     case("arch-nn-module", None, ["arch.type=nn"], ["arch.type: unknown name 'nn'"]),
+    case("arch-allowlisted-module-itself", None, ["arch.type=torch.nn"], ["arch.type: unknown name 'torch.nn'"]),
+    case("arch-submodule-of-allowlisted", None, ["arch.type=torchvision.models.resnet"],
+         ["arch.type: unknown name 'torchvision.models.resnet'"]),
     case("arch-base-class", None, ["arch.type=BaseModel"], ["arch.type: unknown name 'BaseModel'"]),
-    case("loader-__import__", None, ["data_loader.type=__import__"], ["data_loader.type: unknown name '__import__'"]),
-    case("loader-imported-class", None, ["data_loader.type=TensorDataset"], ["data_loader.type: unknown name"]),
+    case("arch-private-part", None, ["arch.type=torch.nn._reduction"], ["arch.type: unknown name 'torch.nn._reduction'"]),
+    case("dataset-__import__", None, ["data_loader.dataset.type=__import__"],
+         ["data_loader.dataset.type: unknown name '__import__'"]),
+    case("dataset-imported-class", None, ["data_loader.dataset.type=TensorDataset"],
+         ["data_loader.dataset.type: unknown name 'TensorDataset'"]),
+    case("dataset-outside-the-allowlist", None, ["data_loader.dataset.type=torch.utils.data.TensorDataset"],
+         ["data_loader.dataset.type: unknown name 'torch.utils.data.TensorDataset'"]),
     case("optimizer-__class__", None, ["optimizer.type=__class__"], ["optimizer.type: unknown name '__class__'"]),
-    case("optimizer-base-class", None, ["optimizer.type=Optimizer"], ["optimizer.type: unknown name 'Optimizer'"]),
+    case("optimizer-dunder-attribute", None, ["optimizer.type=torch.optim.__builtins__"],
+         ["optimizer.type: unknown name 'torch.optim.__builtins__'"]),
+    # The abstract bases in an allowlisted module are names, but not things a config can train with.
+    case("optimizer-base-class", None, ["optimizer.type=Optimizer"], ["optimizer.type: ", "Optimizer"]),
+    case("optimizer-base-class-with-args", None, ['optimizer={"type": "Optimizer", "args": {"defaults": {}}}'],
+         ["optimizer.type: ", "Optimizer"]),
+    case("scheduler-base-class", None, ['lr_scheduler={"type": "LRScheduler", "args": {}}'],
+         ["lr_scheduler.type: ", "LRScheduler"]),
     case("loss-eval", None, ["loss=eval"], ["loss: unknown name 'eval'"]),
     case("loss-module", None, ["loss=F"], ["loss: unknown name 'F'"]),
     case("metric-__import__", None, ['metrics=["__import__"]'], ["metrics[0]: unknown name '__import__'"]),
     case("scheduler-os.system", None, ["lr_scheduler.type=os.system"], ["lr_scheduler.type: unknown name 'os.system'"]),
+    case("transform-os.system", None, ['data_loader.eval_transform=[{"type": "os.system", "args": {"command": "x"}}]'],
+         ["data_loader.eval_transform[0].type: unknown name 'os.system'"]),
+    # Dotted names: only in the allowlisted modules (torch.nn, torch.optim, torch.optim.lr_scheduler,
+    # torchvision.models, torchvision.datasets, torchvision.transforms.v2).
+    case("dotted-os.path.join", None, ["arch.type=os.path.join"],
+         ["arch.type: unknown name 'os.path.join'", "a dotted name in torch.nn, torch.optim"]),
+    case("dotted-torch.load", None, ["arch.type=torch.load"], ["arch.type: unknown name 'torch.load'"]),
+    case("dotted-torchvision.io", None, ["arch.type=torchvision.io.read_file"],
+         ["arch.type: unknown name 'torchvision.io.read_file'"]),
+    case("dotted-functional", None, ["loss=torch.nn.functional.nll_loss"],
+         ["loss: unknown name 'torch.nn.functional.nll_loss'"]),
+    case("dotted-optimizer-outside", None, ["optimizer.type=torch.load"],
+         ["optimizer.type: unknown name", "torch.load"]),
+    # A typo in an allowlisted module's name suggests its close matches.
+    case("dotted-typo", None, ["loss=torch.nn.CrossEntropyLos"],
+         ["loss: unknown name 'torch.nn.CrossEntropyLos'", "did you mean torch.nn.CrossEntropyLoss"]),
+    case("dotted-typo-spec", None, ['arch={"type": "torchvision.models.resnet81", "args": {}}'],
+         ["arch.type: unknown name 'torchvision.models.resnet81'",
+          "did you mean torchvision.models.resnet18"]),
+    # Reachable but refused, with the reason.
+    case("optimizer-lbfgs", None, ["optimizer.type=LBFGS"],
+         ["optimizer.type: ", "LBFGS is not supported", "closure"]),
+    case("optimizer-lbfgs-dotted", None, ["optimizer.type=torch.optim.LBFGS"],
+         ["optimizer.type: ", "LBFGS is not supported", "closure"]),
+    # A class of an allowlisted module used where it does not fit is refused before anything is built.
+    case("arch-an-optimizer", None, ["arch.type=torch.optim.Adam"], ["arch.args: ", "'params'", "torch.optim.Adam("]),
     # A bad constructor value is rejected by the constructor; that, too, is one line.
     case("optimizer-lr-not-a-number", None, ["optimizer.args.lr=fast"], ["optimizer.args", "Adam rejected"]),
-    case("batch-size-zero", None, ["data_loader.args.batch_size=0"],
-         ["data_loader.args", "batch_size must be a positive integer"]),
+    case("batch-size-zero", None, ["data_loader.batch_size=0"], ["data_loader.batch_size: must be >= 1"]),
+    case("num-workers-negative", None, ["data_loader.num_workers=-1"], ["data_loader.num_workers: must be >= 0"]),
     case("dropout-out-of-range", None, ["arch.args.dropout=2"], ["arch.args", "DigitsModel rejected"]),
-    # Arguments the programs pass themselves cannot be set from the config.
-    case("loader-training-flag", None, ["data_loader.args.training=false"],
-         ["override 'data_loader.args.training=false'", "no key"]),
-    case("loader-training-in-file", _with(data_loader__args__training=False), [],
-         ["data_loader.args.training: set by the program"]),
+    # What the programs pass themselves (the model's parameters, the optimizer) cannot come from the
+    # config, even though they are constructor parameters (which may otherwise be set without +).
+    case("optimizer-params-from-config", None, ["optimizer.args.params=[]"],
+         ["optimizer.args: ", "multiple values for argument 'params'"]),
+    case("scheduler-optimizer-from-config", None, ["lr_scheduler.args.optimizer=1"],
+         ["lr_scheduler.args: ", "multiple values for argument 'optimizer'"]),
+    # The seed is a top-level setting (it seeds the split and the order); the loader has none.
+    case("loader-seed", None, ["data_loader.seed=3"], ["override 'data_loader.seed=3'", "no key"]),
+    case("loader-seed-in-file", _with(data_loader__seed=3), [], ["data_loader.seed: unknown key"]),
 ]
 
 
@@ -261,7 +356,7 @@ def test_unreadable_config_file(tmp_path, capsys):
 
 def test_config_left_unchanged_by_overrides():
     raw = copy.deepcopy(BASE)
-    ConfigParser(raw, ["trainer.epochs=3", "+arch.args.dropout=0.1"])
+    ConfigParser(raw, ["trainer.epochs=3", "+arch.args.dropout=0.1", "data_loader.dataset.args.root=x"], REGISTRY)
     assert raw == BASE
 
 
@@ -289,6 +384,72 @@ def test_cli_rejects_dangerous_type_name(tmp_path):
     assert not (tmp_path / "saved").exists()
 
 
+# ---- the name rules: the project's names, then an allowlist of modules by dotted name -------------
+
+def test_torchvision_model_resolves_validates_and_builds():
+    import torchvision
+    config = parser(None, 'arch={"type": "torchvision.models.resnet18", "args": {"num_classes": 10}}')
+    assert config.resolve("arch") is torchvision.models.resnet18
+    model = config.init_obj("arch")
+    assert isinstance(model, torchvision.models.ResNet) and model.fc.out_features == 10
+    # resnet18 takes **kwargs, so a misspelt argument passes validation; building it is still one error
+    config = parser(None, 'arch={"type": "torchvision.models.resnet18", "args": {"num_classs": 10}}')
+    with pytest.raises(ConfigError, match=r"arch\.args: torchvision\.models\.resnet18 rejected .*num_classs"):
+        config.init_obj("arch")
+
+
+def test_bare_names_fall_back_to_the_sections_module():
+    import torchvision
+    config = parser(None, "optimizer.type=AdamW", "lr_scheduler.type=CosineAnnealingLR", 'lr_scheduler.args={"T_max": 5}',
+                    'data_loader.train_transform=[{"type": "RandomCrop", "args": {"size": 8, "padding": 1}}]')
+    assert config.resolve("optimizer") is torch.optim.AdamW
+    assert config.resolve("lr_scheduler") is torch.optim.lr_scheduler.CosineAnnealingLR
+    assert config.resolve("data_loader.train_transform.0") is torchvision.transforms.v2.RandomCrop
+    # the project's own names come first; a bare name has no fallback where a section has no default module
+    assert config.resolve("arch").__module__ == "model.model"
+    with pytest.raises(ConfigError, match=r"arch\.type: unknown name 'Linear'"):
+        parse(None, "arch.type=Linear")  # torch.nn.Linear needs its dotted name
+    parse(None, 'arch={"type": "torch.nn.Linear", "args": {"in_features": 64, "out_features": 10}}')
+
+
+def test_loss_given_as_a_spec_is_built_with_its_args():
+    config = parser(None, 'loss={"type": "torch.nn.CrossEntropyLoss", "args": {"label_smoothing": 0.1}}')
+    loss = config.init_ftn("loss")
+    assert isinstance(loss, torch.nn.CrossEntropyLoss) and loss.label_smoothing == 0.1
+    config = parser(None, 'loss={"type": "nll_loss", "args": {}}')
+    assert config.init_ftn("loss") is config.resolve("loss")
+
+
+def test_metric_names_are_snake_case_or_given():
+    config = parser(None, 'metrics=["accuracy", {"type": "MacroF1"}, {"type": "top_k_acc", "args": {"k": 5}, "name": "top5"}]',
+                    "trainer.monitor=max val_macro_f1")
+    assert config.metric_names == ["accuracy", "macro_f1", "top5"]
+    top5 = config.init_ftn("metrics.2")
+    output = torch.log_softmax(torch.arange(10.0).repeat(2, 1), dim=1)
+    assert top5(output, torch.tensor([5, 4])).item() == 0.5  # k=5 reached the function
+    with pytest.raises(ConfigError, match=r"trainer\.monitor: 'max val_MacroF1'"):
+        parse(None, 'metrics=[{"type": "MacroF1"}]', "trainer.monitor=max val_MacroF1")
+    with pytest.raises(ConfigError, match=r"metrics: two metrics are named 'accuracy'"):
+        parse(None, 'metrics=["accuracy", {"type": "accuracy"}]')
+    parse(None, 'metrics=["accuracy", {"type": "accuracy", "name": "acc2"}]')
+
+
+def test_a_name_defined_in_two_project_files_is_ambiguous(tmp_path, monkeypatch):
+    package = tmp_path / "dup_names_pkg"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    for file in ("a.py", "b.py"):
+        (package / file).write_text("class Net:\n    pass\n")
+    (package / "c.py").write_text("from dup_names_pkg.a import Net as Imported\n\n\ndef _hidden():\n    pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    registry = Registry(packages=("dup_names_pkg",))
+    with pytest.raises(ConfigError, match=r"arch\.type: 'Net' is defined in both dup_names_pkg/a\.py and dup_names_pkg/b\.py"):
+        registry.resolve("Net", "arch.type")
+    for name in ("Imported", "_hidden"):  # imported, or private: not the package's names
+        with pytest.raises(ConfigError, match="unknown name"):
+            registry.resolve(name, "arch.type")
+
+
 # ---- later fixes: mistakes that used to slip through -------------------------------------------
 
 def test_plateau_scheduler_mode_must_match_the_monitor():
@@ -311,7 +472,7 @@ def test_a_save_dir_that_is_a_file_is_one_line(tmp_path):
     assert_user_error(result, "trainer.save_dir: cannot create the run's directories")
 
 
-@pytest.mark.parametrize("override", ["trainer.monitor=off", "data_loader.args.batch_size=16",
+@pytest.mark.parametrize("override", ["trainer.monitor=off", "data_loader.batch_size=16",
                                       "trainer.len_epoch=5", "trainer.accumulate_steps=2", "loss=cross_entropy"])
 def test_resume_refuses_changes_that_would_alter_the_run(digits_run, override):
     result = run_train("-r", digits_run.model_dir, override)

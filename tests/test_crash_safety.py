@@ -135,11 +135,19 @@ def test_checkpoint_of_another_architecture_is_refused(tmp_path, good_checkpoint
     assert not (tmp_path / "saved").exists()
 
 
-@pytest.mark.parametrize("name", ["os.system", "eval", "__import__", "__class__", "_private", "exec",
-                                  "torch.optim.Adam", "BaseModel"])
-def test_config_types_reach_only_the_projects_modules(tmp_path, name):
+@pytest.mark.parametrize("name", ["os.system", "eval", "__import__", "__class__", "_private", "exec", "BaseModel",
+                                  "torch.load", "torch.nn._reduction", "torchvision.io.read_file"])
+def test_config_types_reach_only_the_projects_names_and_the_allowlist(tmp_path, name):
     result = run_train("-c", "config.json", f"arch.type={name}", f"trainer.save_dir={tmp_path / 'saved'}")
-    assert_user_error(result, "arch.type", "unknown name", "available: DigitsModel")
+    assert_user_error(result, "arch.type", f"unknown name '{name}'", "available: DigitsDataset, DigitsModel",
+                      "a dotted name in torch.nn")
+    assert not (tmp_path / "saved").exists()
+
+
+def test_an_allowlisted_class_that_is_not_a_model_is_refused_before_anything_runs(tmp_path):
+    """torch.optim.Adam is a reachable name, but not a model: the config is refused in one line."""
+    result = run_train("-c", "config.json", "arch.type=torch.optim.Adam", f"trainer.save_dir={tmp_path / 'saved'}")
+    assert_user_error(result, "arch.args: ", "'params'", "torch.optim.Adam(")
     assert not (tmp_path / "saved").exists()
 
 

@@ -22,22 +22,30 @@ def fake_mnist(root, folder, n_train=200, n_test=50):
         write_idx(raw / f"{prefix}-labels-idx1-ubyte", rng.integers(0, 10, n))
 
 
+def offline(root):
+    """Overrides that point both datasets of an MNIST-style config at `root`, without downloading."""
+    return [f"data_loader.dataset.args.root={root}", f"data_loader.test_dataset.args.root={root}",
+            "data_loader.dataset.args.download=false", "data_loader.test_dataset.args.download=false"]
+
+
 @pytest.mark.parametrize("config, folder", [("configs/mnist.json", "MNIST"),
                                             ("configs/fashion_mnist.json", "FashionMNIST")])
 def test_missing_files_offline_name_what_to_put_where(tmp_path, config, folder):
-    result = run_train("-c", config, f"data_loader.args.data_dir={tmp_path}", "data_loader.args.download=false",
-                       f"trainer.save_dir={tmp_path / 'saved'}")
-    assert_user_error(result, f"{folder} not found in {tmp_path / folder / 'raw'}", "train-images-idx3-ubyte.gz",
-                      "t10k-labels-idx1-ubyte.gz")
+    result = run_train("-c", config, *offline(tmp_path), f"trainer.save_dir={tmp_path / 'saved'}")
+    line = assert_user_error(result, f"torchvision.datasets.{folder}", str(tmp_path / folder / "raw"),
+                             *(f"{prefix}-{kind}-idx{dim}-ubyte" for prefix in ("train", "t10k")
+                               for kind, dim in (("images", 3), ("labels", 1))))
+    assert "-ubyte.gz" not in line  # the names to put there are the uncompressed ones, which torchvision reads
     assert not (tmp_path / "saved").exists()
 
 
-def test_mnist_config_trains_and_tests_on_files_in_place(tmp_path):
-    fake_mnist(tmp_path, "MNIST")
-    common = [f"data_loader.args.data_dir={tmp_path}", "data_loader.args.download=false"]
-    assert_ok(run_train("-c", "configs/mnist.json", "--run-id", "m", *common, f"trainer.save_dir={tmp_path / 's'}",
+@pytest.mark.parametrize("config, folder, name", [("configs/mnist.json", "MNIST", "Mnist_LeNet"),
+                                                  ("configs/fashion_mnist.json", "FashionMNIST", "FashionMnist_LeNet")])
+def test_config_trains_and_tests_on_uncompressed_files_in_place(tmp_path, config, folder, name):
+    fake_mnist(tmp_path, folder)
+    assert_ok(run_train("-c", config, "--run-id", "m", *offline(tmp_path), f"trainer.save_dir={tmp_path / 's'}",
                         "trainer.epochs=1", "trainer.tensorboard=false"))
-    best = tmp_path / "s" / "models" / "Mnist_LeNet" / "m" / "model_best.pth"
+    best = tmp_path / "s" / "models" / name / "m" / "model_best.pth"
     result = run_script("test.py", "-r", best)
     assert_ok(result)
     assert '"n_samples": 50' in result.stdout  # the t10k file's 50 images

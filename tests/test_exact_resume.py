@@ -14,14 +14,15 @@ from conftest import ROOT, THREADS_ENV, Run, assert_ok, assert_same, run_train, 
 # epoch makes a scheduler state that was not restored visible in the weights.
 COMMON = ["trainer.tensorboard=false", "trainer.verbosity=1", "lr_scheduler.args.step_size=1",
           "lr_scheduler.args.gamma=0.7"]
-EXACT_KEYS = ("model", "optimizer", "lr_scheduler", "scaler", "trainer", "rng")
+EXACT_KEYS = ("model", "optimizer", "lr_scheduler", "scaler", "trainer", "metrics", "rng")
 
 
-def assert_same_run(a: Run, b: Run, checkpoint):
-    """Identical state in `checkpoint` of both runs and identical metrics.csv, time columns aside."""
-    ca, cb = a.checkpoint(checkpoint), b.checkpoint(checkpoint)
-    for key in EXACT_KEYS:
-        assert_same(ca[key], cb[key], key)
+def assert_same_run(a: Run, b: Run, *checkpoints):
+    """Identical state in each of `checkpoints` of both runs and identical metrics.csv, time columns aside."""
+    for checkpoint in checkpoints:
+        ca, cb = a.checkpoint(checkpoint), b.checkpoint(checkpoint)
+        for key in EXACT_KEYS:
+            assert_same(ca[key], cb[key], f"{checkpoint}: {key}")
     assert without_time(a.metrics()) == without_time(b.metrics())
 
 
@@ -36,7 +37,7 @@ def straight(request, tmp_path_factory):
     workers = request.param
     save_dir = tmp_path_factory.mktemp(f"straight{workers}") / "saved"
     args = ["-c", "config.json", "--run-id", "s", f"trainer.save_dir={save_dir}", "trainer.epochs=3",
-            "trainer.save_period=1", "trainer.save_every_steps=15", f"data_loader.args.num_workers={workers}",
+            "trainer.save_period=1", "trainer.save_every_steps=15", f"data_loader.num_workers={workers}",
             *COMMON]
     assert_ok(run_train(*args))
     run = Run(save_dir, "s")
@@ -69,15 +70,23 @@ def test_resume_mid_epoch_is_bitwise(straight, tmp_path, step):
     (resumed.model_dir / "checkpoint-epoch3.pth").unlink()
     middle = resumed.checkpoint(f"checkpoint-epoch2-step{step}.pth")
     assert middle["trainer"]["epoch"] == 1 and middle["trainer"]["batches_done"] == step - 40
+    # the epoch's partial sums so far (one entry per process): loss and metrics, over step - 40 batches of 32
+    (sums,) = middle["metrics"]
+    assert set(sums) == {"loss", "accuracy", "top_k_acc"}
+    assert all(s[1].item() == 32 * (step - 40) for s in sums.values())
     assert_ok(run_train("-r", resumed.model_dir / f"checkpoint-epoch2-step{step}.pth"))
-    assert_same_run(straight, resumed, "checkpoint-epoch3.pth")
+    # the mid-epoch checkpoints written after the resume (partial metric sums included), and the end
+    later = [f"checkpoint-epoch{(s - 1) // 40 + 1}-step{s}.pth" for s in range(step + 15, 120, 15)]
+    assert later and all(name in resumed.pth_files() for name in later)  # rewritten: the old ones were set aside
+    assert_same_run(straight, resumed, *later, "checkpoint-epoch3.pth")
 
 
 def test_mid_epoch_resume_takes_the_next_batch_without_replay():
     """The loader starts at the next batch of the same order; nothing before it is produced."""
-    from data_loader.data_loaders import DigitsDataLoader
+    from base import BaseDataLoader
+    from data_loader.datasets import DigitsDataset
 
-    loader = DigitsDataLoader("data/", 32, seed=5)
+    loader = BaseDataLoader(DigitsDataset("data/"), 32, shuffle=True, seed=5)
     loader.set_epoch(3)
     full = [target for _, target in loader]
     loader.set_epoch(3, start_batch=7)
@@ -170,7 +179,7 @@ def test_resume_refuses_to_override_what_the_checkpoint_fixes(digits_run):
 def test_sigterm_to_the_process_group_with_workers_still_saves(tmp_path):
     """A scheduler (or Ctrl-C) signals every process of the job, DataLoader workers included."""
     save_dir = tmp_path / "saved"
-    proc = start_training(save_dir, "trainer.epochs=3", "data_loader.args.num_workers=2", new_session=True)
+    proc = start_training(save_dir, "trainer.epochs=3", "data_loader.num_workers=2", new_session=True)
     wait_for_line(proc, "Train epoch 1 [5/40]")
     os.killpg(proc.pid, signal.SIGTERM)  # the session leader's pid is the group's id
     out = proc.stdout.read()

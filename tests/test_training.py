@@ -1,27 +1,29 @@
 """Training runs on the digits data: output layout, metrics.csv, TensorBoard, best model, early
 stopping, weighted averages, determinism, worker processes, iteration-based epochs, dry runs."""
 
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 import train as train_script
-from conftest import (CSV_COLUMNS, N_VALID, ROOT, STEPS_PER_EPOCH, assert_ok, assert_same, call_main, read_json,
-                      run_train, train, tree, without_time)
-from data_loader.data_loaders import DigitsDataLoader
+from base import BaseDataLoader
+from base.base_metric import metric_object
+from conftest import (CSV_COLUMNS, N_TEST, N_VALID, ROOT, STEPS_PER_EPOCH, assert_ok, assert_same, call_main,
+                      digits_datasets, parse_config, read_json, run_train, train, tree, without_time)
 from model.loss import nll_loss
-from model.metric import accuracy, top_k_acc
+from model.metric import MacroF1, accuracy, top_k_acc
 from model.model import LinearModel
-from parse_config import ConfigParser, load_config_file
-from trainer.trainer import evaluate
+from trainer import Trainer
 
 FAST = "trainer.tensorboard=false"  # for runs whose TensorBoard output no test reads
 
 
 def digits_split(seed=1):
     """(train, valid) TensorDatasets of config.json's split."""
-    loader = DigitsDataLoader("data/", 32, validation_split=0.15, test_split=0.15, seed=seed)
-    return loader.dataset, loader.valid_set
+    sets = digits_datasets(seed=seed)
+    return sets["train"], sets["valid"]
 
 
 # ---- what a plain run writes ------------------------------------------------------------------
@@ -53,13 +55,14 @@ def test_metrics_csv_has_one_row_per_epoch(digits_run):
 
 def test_saved_config_is_the_resolved_config(digits_run):
     saved = read_json(digits_run.model_dir / "config.json")
-    expected = ConfigParser(load_config_file(ROOT / "config.json"),
-                            ["trainer.epochs=3", f"trainer.save_dir={digits_run.save_dir}"]).config
+    expected = parse_config("trainer.epochs=3", f"trainer.save_dir={digits_run.save_dir}").config
     assert saved == expected
     # defaults that config.json leaves out are written down
     assert saved["trainer"]["len_epoch"] is None
     assert saved["lr_scheduler"]["interval"] == "epoch"
     assert saved["trainer"]["epochs"] == 3
+    assert saved["trainer"]["log_images"] is True
+    assert saved["data_loader"]["valid_dataset"] is None and saved["data_loader"]["train_transform"] == []
 
 
 def test_info_log_records_the_run(digits_run):
@@ -77,7 +80,10 @@ def test_model_best_follows_the_monitored_metric(digits_run):
     assert best["epoch"] == improving[-1]
     assert best["trainer"]["monitor_best"] == max(values)
     log = (digits_run.log_dir / "info.log").read_text()
-    assert log.count("Saving current best") == len(improving)
+    saves = re.findall(r"Saved (\S+\.pth(?: and \S+\.pth)*)$", log, flags=re.M)
+    # one save per improving epoch, plus the last epoch's checkpoint, which shares a line with a best
+    assert sum("model_best.pth" in line for line in saves) == len(improving)
+    assert saves[-1] == ("checkpoint-epoch3.pth and model_best.pth" if improving[-1] == 3 else "checkpoint-epoch3.pth")
 
 
 def test_tensorboard_events_read_back(digits_run):
@@ -151,23 +157,35 @@ def test_save_period_and_iteration_based_epochs(tmp_path):
 
 # ---- averages weighted by batch size ----------------------------------------------------------
 
-def test_evaluate_weights_each_batch_by_its_size():
+def test_evaluate_weights_each_batch_by_its_size(tmp_path):
+    """Trainer.evaluate over uneven batches gives the per-sample means over all of them, and a Metric
+    (MacroF1) its value from the whole set's confusion matrix, not a mean of per-batch values."""
     torch.manual_seed(0)
     model = LinearModel()
     x, y = torch.randn(40, 1, 8, 8), torch.randint(0, 10, (40,))
     sizes = [1, 7, 32]
     batches = list(zip(x.split(sizes), y.split(sizes)))
-    result = evaluate(model, batches, nll_loss, [accuracy, top_k_acc], torch.device("cpu"))
+    metrics = {"accuracy": metric_object(accuracy), "top_k_acc": metric_object(top_k_acc),
+               "macro_f1": metric_object(MacroF1())}
+    trainer = Trainer(model, nll_loss, metrics, None, parse_config(f"trainer.save_dir={tmp_path}"),
+                      torch.device("cpu"))
+    result = trainer.evaluate(batches, desc="test")
+    assert not model.training  # evaluation runs in eval mode
 
     with torch.no_grad():
         out = model(x).double()
-    exact = {"loss": F.nll_loss(out, y).item(), "accuracy": (out.argmax(1) == y).double().mean().item(),
-             "top_k_acc": (out.topk(3, dim=1).indices == y[:, None]).any(1).double().mean().item()}
+    pred = out.argmax(1)
+    f1 = [2 * ((pred == c) & (y == c)).sum().item() / ((pred == c).sum() + (y == c).sum()).item()
+          for c in range(10) if ((pred == c) | (y == c)).any()]
+    exact = {"loss": F.nll_loss(out, y).item(), "accuracy": (pred == y).double().mean().item(),
+             "top_k_acc": (out.topk(3, dim=1).indices == y[:, None]).any(1).double().mean().item(),
+             "macro_f1": sum(f1) / len(f1)}
     per_batch_loss = [F.nll_loss(out[i:i + n], y[i:i + n]).item() for i, n in zip((0, 1, 8), sizes)]
     assert abs(sum(per_batch_loss) / 3 - exact["loss"]) > 1e-3  # an unweighted mean would be wrong
+    assert set(result) == set(exact)
     assert result["loss"] == pytest.approx(exact["loss"], rel=1e-6)
-    assert result["accuracy"] == pytest.approx(exact["accuracy"], abs=1e-6)
-    assert result["top_k_acc"] == pytest.approx(exact["top_k_acc"], abs=1e-6)
+    for key in ("accuracy", "top_k_acc", "macro_f1"):
+        assert result[key] == pytest.approx(exact[key], abs=1e-6), key
 
 
 def test_epoch_averages_are_exact_per_sample_means(tmp_path):
@@ -206,8 +224,9 @@ def test_same_seed_same_run(tmp_path):
 
 def test_worker_processes_give_the_same_batches():
     """num_workers > 0 goes through torch's DataLoader; num_workers=0 indexes the tensors directly."""
-    plain = DigitsDataLoader("data/", 32, validation_split=0.15, test_split=0.15, seed=1, num_workers=0)
-    workers = DigitsDataLoader("data/", 32, validation_split=0.15, test_split=0.15, seed=1, num_workers=2)
+    sets = digits_datasets()
+    plain = BaseDataLoader(sets["train"], 32, shuffle=True, num_workers=0, seed=1)
+    workers = BaseDataLoader(sets["train"], 32, shuffle=True, num_workers=2, seed=1)
     assert workers._loader is not None and plain._loader is None  # the two paths under test really differ
     for epoch, start in ((0, 0), (1, 0), (1, 30)):
         plain.set_epoch(epoch, start), workers.set_epoch(epoch, start)
@@ -215,14 +234,22 @@ def test_worker_processes_give_the_same_batches():
         assert len(got) == len(want) == STEPS_PER_EPOCH - start
         for (x1, y1), (x2, y2) in zip(got, want):
             assert x1.dtype == x2.dtype and torch.equal(x1, x2) and torch.equal(y1, y2)
-    got, want = list(workers.split_validation()), list(plain.split_validation())
-    assert len(got) == len(want) == 9  # 270 validation samples, in a fixed order
-    for (x1, y1), (x2, y2) in zip(got, want):
-        assert torch.equal(x1, x2) and torch.equal(y1, y2)
+    plain.set_epoch(0)
+    epoch0 = next(iter(plain))[1]
+    plain.set_epoch(1)
+    assert not torch.equal(epoch0, next(iter(plain))[1])  # each epoch has its own order
+    for phase, n in (("valid", N_VALID), ("test", N_TEST)):
+        plain = BaseDataLoader(sets[phase], 32, even_shards=False, num_workers=0, seed=1)
+        workers = BaseDataLoader(sets[phase], 32, even_shards=False, num_workers=2, seed=1)
+        got, want = list(workers), list(plain)
+        assert len(got) == len(want) == 9  # 270 samples, in a fixed order
+        assert torch.equal(torch.cat([y for _, y in want]), sets[phase].tensors[1])  # every sample once, in order
+        for (x1, y1), (x2, y2) in zip(got, want):
+            assert torch.equal(x1, x2) and torch.equal(y1, y2)
 
 
 def test_training_with_worker_processes_matches_in_process_loading(tmp_path):
-    a = train(tmp_path / "saved", "trainer.epochs=2", "data_loader.args.num_workers=2", FAST, run_id="workers")
+    a = train(tmp_path / "saved", "trainer.epochs=2", "data_loader.num_workers=2", FAST, run_id="workers")
     b = train(tmp_path / "saved", "trainer.epochs=2", FAST, run_id="plain")
     assert without_time(a.metrics()) == without_time(b.metrics())
     assert_same(a.checkpoint("checkpoint-epoch2.pth")["model"], b.checkpoint("checkpoint-epoch2.pth")["model"])
@@ -234,7 +261,7 @@ def test_dry_run_writes_nothing(tmp_path):
     cwd = tmp_path / "cwd"
     cwd.mkdir()
     result = run_train("-c", ROOT / "config.json", "--dry-run", f"trainer.save_dir={tmp_path / 'saved'}",
-                       f"data_loader.args.data_dir={ROOT / 'data'}", cwd=cwd)
+                       f"data_loader.dataset.args.root={ROOT / 'data'}", cwd=cwd)
     assert_ok(result)
     assert "dry run" in result.stdout
     assert not (tmp_path / "saved").exists()

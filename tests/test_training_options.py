@@ -2,9 +2,10 @@
 import pytest
 import torch
 
-from conftest import Run, assert_user_error, run_train, train
+from base import BaseDataLoader
+from base.base_metric import metric_object
+from conftest import Run, assert_user_error, parse_config, run_train, train
 from model.model import LinearModel
-from parse_config import ConfigParser, load_config_file
 
 # LinearModel has no dropout or batch norm, so two set-ups that should compute the same thing do.
 LINEAR = ["arch.type=LinearModel", "trainer.tensorboard=false", "trainer.verbosity=0", "lr_scheduler=null",
@@ -19,8 +20,8 @@ def test_accumulating_micro_batches_equals_one_large_batch(tmp_path):
     """4 micro-batches of 8 per step == batches of 32: the same samples (the order is a function of
     the seed), the same mean gradient, so the same weights after 6 steps."""
     sgd = ["optimizer.type=SGD", 'optimizer.args={"lr": 0.5}', "trainer.len_epoch=6"]
-    big = train(tmp_path / "big", *LINEAR, *sgd, "data_loader.args.batch_size=32")
-    small = train(tmp_path / "small", *LINEAR, *sgd, "data_loader.args.batch_size=8", "trainer.accumulate_steps=4")
+    big = train(tmp_path / "big", *LINEAR, *sgd, "data_loader.batch_size=32")
+    small = train(tmp_path / "small", *LINEAR, *sgd, "data_loader.batch_size=8", "trainer.accumulate_steps=4")
     a, b = weights(big, "checkpoint-epoch1.pth"), weights(small, "checkpoint-epoch1.pth")
     init = weights(train(tmp_path / "init", *LINEAR, 'optimizer.type=SGD', 'optimizer.args={"lr": 0.0}',
                          "trainer.len_epoch=1"), "checkpoint-epoch1.pth")
@@ -54,17 +55,21 @@ def test_clip_grad_norm_bounds_the_update(tmp_path):
 
 
 def build_trainer(tmp_path, *overrides):
+    """A Trainer on config.json's data as train.py builds it (single process, CPU)."""
+    from base.base_data_loader import make_datasets
     from trainer import Trainer
 
-    config = ConfigParser(load_config_file("config.json"), [f"trainer.save_dir={tmp_path}", *overrides])
-    loader = config.init_obj("data_loader", seed=config["seed"])
+    config = parse_config(f"trainer.save_dir={tmp_path}", *overrides)
+    sets = make_datasets(config)
+    batch_size = config["data_loader"]["batch_size"]
+    loader = BaseDataLoader(sets["train"], batch_size, shuffle=True, seed=config["seed"])
+    valid = BaseDataLoader(sets["valid"], batch_size, even_shards=False, seed=config["seed"])
     model = config.init_obj("arch")
     if config["trainer"]["compile"]:
         model = torch.compile(model, backend=config["trainer"]["compile"])
     optimizer = config.init_obj("optimizer", model.parameters())
-    metrics = [config.init_ftn("metrics", name) for name in config["metrics"]]
-    return Trainer(model, config.init_ftn("loss", config["loss"]), metrics, optimizer, config, torch.device("cpu"),
-                   loader, loader.split_validation())
+    metrics = {name: metric_object(config.init_ftn(f"metrics.{i}")) for i, name in enumerate(config.metric_names)}
+    return Trainer(model, config.init_ftn("loss"), metrics, optimizer, config, torch.device("cpu"), loader, valid)
 
 
 def test_bf16_autocast_runs_the_forward_in_bfloat16(tmp_path):
@@ -81,7 +86,8 @@ def test_bf16_training_learns_and_checkpoints_the_scaler_state(tmp_path):
     run = train(tmp_path / "s", "trainer.amp=bf16", "trainer.epochs=2", "trainer.tensorboard=false",
                 "trainer.verbosity=0")
     assert float(run.metrics()[-1]["val_accuracy"]) > 0.8
-    assert "scaler" in run.checkpoint("checkpoint-epoch2.pth")
+    scaler = run.checkpoint("checkpoint-epoch2.pth")["scaler"]
+    assert scaler == {}  # always a dict; bf16 has no loss scale, so the (disabled) scaler's state is empty
 
 
 def test_fp16_needs_cuda(tmp_path):

@@ -1,4 +1,4 @@
-"""Small helpers with side effects, kept in one place: files, RNG state, devices."""
+"""Small helpers with side effects, kept in one place: files, RNG state, devices, batches."""
 import json
 import os
 import random
@@ -9,41 +9,33 @@ import numpy as np
 import torch
 
 
-def _fsync_dir(directory: Path) -> None:
-    # A rename is durable only once the directory entry itself is on disk.
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _atomic_write(path, write) -> None:
-    """Write through `write(fileobj)` to a temp file beside `path`, fsync, then rename into place.
-
-    A crash at any instant leaves either the old file or the complete new one under `path`,
-    never a partial file.
-    """
+def _atomic_write(path, data: bytes) -> None:
+    """Write to a temp file beside `path`, fsync, rename into place, fsync the directory: a crash at
+    any instant leaves the old file or the complete new one under `path`, never a partial file."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            write(f)
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    _fsync_dir(path.parent)
+    fd = os.open(path.parent, os.O_RDONLY)  # a rename is durable once the directory entry is on disk
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def atomic_write_bytes(data: bytes, path) -> None:
-    _atomic_write(path, lambda f: f.write(data))
+    _atomic_write(path, data)
 
 
 def atomic_write_text(text: str, path) -> None:
-    _atomic_write(path, lambda f: f.write(text.encode()))
+    _atomic_write(path, text.encode())
 
 
 def write_json(content, path) -> None:
@@ -80,18 +72,12 @@ def set_rng_state(state: dict) -> None:
 
 
 def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
-    """The bare module under DataParallel / DistributedDataParallel / torch.compile wrappers.
-
-    Checkpoints always hold this module's state_dict, so their keys never carry
-    'module.' or '_orig_mod.' prefixes.
-    """
-    while True:
-        if isinstance(model, (torch.nn.DataParallel, torch.nn.parallel.DistributedDataParallel)):
-            model = model.module
-        elif hasattr(model, "_orig_mod"):  # torch.compile's OptimizedModule
-            model = model._orig_mod
-        else:
-            return model
+    """The bare module under DistributedDataParallel / torch.compile wrappers, whose state_dict
+    checkpoints hold: no 'module.' or '_orig_mod.' key prefixes."""
+    ddp = torch.nn.parallel.DistributedDataParallel
+    while isinstance(model, ddp) or hasattr(model, "_orig_mod"):
+        model = model.module if isinstance(model, ddp) else model._orig_mod
+    return model
 
 
 def prepare_device(n_gpu_use: int, logger) -> torch.device:
@@ -100,3 +86,14 @@ def prepare_device(n_gpu_use: int, logger) -> torch.device:
         logger.info("n_gpu=%d in the config, but no GPU is available: running on the CPU.", n_gpu_use)
         return torch.device("cpu")
     return torch.device("cuda:0" if n_gpu_use > 0 else "cpu")
+
+
+def tree_map(fn, batch):
+    """`fn` applied to every tensor of a batch: a tensor, or a tuple, list or dict of them (nested)."""
+    if torch.is_tensor(batch):
+        return fn(batch)
+    if isinstance(batch, dict):
+        return {k: tree_map(fn, v) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(tree_map(fn, v) for v in batch)
+    return batch

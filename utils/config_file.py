@@ -1,0 +1,103 @@
+"""Config text and the command line: read a JSON or YAML file, apply KEY.PATH=VALUE overrides."""
+import difflib
+import json
+from pathlib import Path
+
+from utils.errors import ConfigError
+
+
+def load_config_file(path):
+    """Parse a .json, .yaml or .yml file into a dict; errors name the file, line and column."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ConfigError(f"cannot read config {path}: {e.strerror}") from None
+    if path.suffix in (".yaml", ".yml"):
+        import yaml  # only YAML configs need it
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            at = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
+            raise ConfigError(f"{path}{at}: invalid YAML: {getattr(e, 'problem', None) or e}") from None
+    else:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path}:{e.lineno}:{e.colno}: invalid JSON: {e.msg}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the config must be a mapping of keys to values")
+    return data
+
+
+def apply_override(config, item, params):
+    """Apply one `KEY.PATH=VALUE` (value read as JSON, else as a string); `+KEY.PATH=VALUE` adds a key."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r}: expected KEY.PATH=VALUE")
+    key, raw = item.split("=", 1)
+    add = key.startswith("+")
+    path = key.lstrip("+").split(".")
+    if not all(path):
+        raise ConfigError(f"override {item!r}: empty key in {key!r}")
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        value = raw
+    node = config
+    for i, part in enumerate(path[:-1]):
+        if isinstance(node, list) and part.isdigit() and int(part) < len(node):
+            node = node[int(part)]
+            continue
+        if isinstance(node, dict) and part not in node and add:
+            node[part] = {}
+        if not isinstance(node, dict) or not isinstance(node.get(part), (dict, list)):
+            return _unknown_key(config, path[:i + 1], item)
+        node = node[part]
+    # A constructor argument of the class a {type, args} names may be set without +.
+    settable = len(path) > 1 and path[-2] == "args" and path[-1] in params(".".join(path[:-2]))
+    if not isinstance(node, dict) or (path[-1] not in node and not add and not settable):
+        return _unknown_key(config, path, item)
+    node[path[-1]] = value
+
+
+def _unknown_key(config, path, item):
+    def key_paths(tree, prefix=""):
+        for k, v in tree.items() if isinstance(tree, dict) else ():
+            yield prefix + k
+            yield from key_paths(v, prefix + k + ".")
+    close = difflib.get_close_matches(".".join(path), list(key_paths(config)), n=3, cutoff=0.6)
+    hint = f"; did you mean {' or '.join(close)}?" if close else ""
+    raise ConfigError(f"override {item!r}: no key {'.'.join(path)!r} in the config{hint} "
+                      "(prefix with + to add a new key)")
+
+
+def where(path: str) -> str:
+    """'metrics.1.args' -> 'metrics[1].args': how messages name a key path."""
+    return "".join(f"[{p}]" if p.isdigit() else f".{p}" for p in path.split(".")).lstrip(".")
+
+
+def get_path(config, path: str):
+    node = config
+    for part in path.split("."):
+        node = node[int(part)] if isinstance(node, list) else node[part]
+    return node
+
+
+def check_keys(section, schema, prefix):
+    """No key of `section` outside `schema`; else an error naming it and its close matches."""
+    unknown = [k for k in section if k not in schema]
+    if unknown:
+        close = [prefix + k for k in difflib.get_close_matches(unknown[0], list(schema), n=3, cutoff=0.6)]
+        hint = f"; did you mean {' or '.join(close)}?" if close else f"; known keys: {', '.join(schema)}"
+        raise ConfigError(f"{prefix}{unknown[0]}: unknown key{hint}")
+
+
+def check_type(value, types, at):
+    types = types if isinstance(types, tuple) else (types,)
+    # bool is an int in Python, but `epochs: true` is a mistake, not 1 epoch.
+    ok = any(isinstance(value, t) and not (isinstance(value, bool) and t in (int, float)) for t in types) \
+        or (float in types and type(value) is int)
+    if not ok:
+        names = " or ".join("null" if t is type(None) else t.__name__ for t in types)
+        raise ConfigError(f"{at}: expected {names}, got {json.dumps(value, default=str)[:80]}")
