@@ -7,14 +7,12 @@ import json
 import logging
 import os
 
-import torch
-
 from base import BaseDataLoader
 from base.base_data_loader import make_datasets
-from base.base_metric import metric_object
 from cli import run_main
 from logger import setup_logging
 from parse_config import ConfigParser
+from train import build_loss_and_metrics
 from trainer import Trainer
 from utils import prepare_device, write_json
 from utils.checkpoint import find_checkpoint, load_checkpoint, load_model_state
@@ -46,9 +44,7 @@ def main(argv=None):
     load_model_state(model, checkpoint, path)
     device = prepare_device(config["n_gpu"], logger)
     model = model.to(device)
-    criterion = config.init_ftn("loss")
-    criterion = criterion.to(device) if isinstance(criterion, torch.nn.Module) else criterion
-    metrics = {name: metric_object(config.init_ftn(f"metrics.{i}")) for i, name in enumerate(config.metric_names)}
+    criterion, metrics = build_loss_and_metrics(config, device)
     trainer = Trainer(model, criterion, metrics, None, config, device)
 
     results = trainer.evaluate(data_loader, desc="test")

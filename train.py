@@ -113,6 +113,13 @@ def setup_device(n_gpu, logger) -> torch.device:
     return prepare_device(n_gpu, logger)
 
 
+def build_loss_and_metrics(config, device):
+    """The loss (a module is moved to `device`) and {name: metric} (functions wrapped as batch means)."""
+    criterion = config.init_ftn("loss")
+    criterion = criterion.to(device) if isinstance(criterion, torch.nn.Module) else criterion
+    return criterion, {name: metric_object(config.init_ftn(f"metrics.{i}")) for i, name in enumerate(config.metric_names)}
+
+
 def main(argv=None):
     args = parse_args(argv)
     if args.device:
@@ -153,9 +160,7 @@ def run(args, config, checkpoint, checkpoint_path, device, logger):
     compile_backend = config["trainer"]["compile"]
     if compile_backend:  # checkpoints still hold the bare module's keys (utils.unwrap_model)
         model = torch.compile(model, **({} if compile_backend is True else {"backend": compile_backend}))
-    criterion = config.init_ftn("loss")
-    criterion = criterion.to(device) if isinstance(criterion, torch.nn.Module) else criterion
-    metrics = {name: metric_object(config.init_ftn(f"metrics.{i}")) for i, name in enumerate(config.metric_names)}
+    criterion, metrics = build_loss_and_metrics(config, device)
     trainable_params = [p for p in model.parameters() if p.requires_grad]
     optimizer = config.init_obj("optimizer", trainable_params)
     lr_scheduler = config.init_obj("lr_scheduler", optimizer) if config["lr_scheduler"] else None

@@ -10,12 +10,15 @@ prints best/best, the fastest Trainer run over the fastest raw run: contention o
 so on a shared machine that is the steadier estimate. Each run's line shows the load average.
 
 Workloads:
-  digits  config.json as shipped (DigitsModel, DigitsDataLoader, batch 32, Adam, StepLR,
-          metrics accuracy + top_k_acc, validation every epoch); 20 epochs per run unless --epochs.
+  digits  config.json as shipped (DigitsModel, DigitsDataset split by its validation_split and test_split,
+          batch 32, Adam, StepLR, metrics accuracy + top_k_acc, validation every epoch); the splits are
+          made by base.base_data_loader.make_datasets and batched by base.BaseDataLoader as train.py
+          does; 20 epochs per run unless --epochs.
   mnist   configs/mnist.json (MnistModel, batch 128, Adam/amsgrad, StepLR, same metrics), but with
           the data replaced by 60,000 seeded random 1x28x28 samples (10 classes) held in memory,
-          split 54,000 train / 6,000 validation (MnistDataLoader's validation_split 0.1), each split a TensorDataset
-          in a base.BaseDataLoader given to the Trainer directly; 1 epoch per run unless --epochs.
+          split 54,000 train / 6,000 validation (the config's validation_split 0.1), each split a
+          TensorDataset in a base.BaseDataLoader (in-process, no transforms) given to the Trainer directly;
+          1 epoch per run unless --epochs.
 
 What counts as "like with like":
   * Same work the user asked for, on both sides: the same model (built after the same
@@ -68,14 +71,18 @@ import torch  # noqa: E402
 from torch.utils.data import TensorDataset  # noqa: E402
 
 from base import BaseDataLoader  # noqa: E402
+from base.base_data_loader import make_datasets  # noqa: E402
 from logger import setup_logging  # noqa: E402
 from parse_config import ConfigParser, load_config_file  # noqa: E402
+from train import build_loss_and_metrics  # noqa: E402
 from trainer import Trainer  # noqa: E402
+from utils.registry import Registry  # noqa: E402
 
 # name: (config file, default epochs per run)
 WORKLOADS = {"digits": ("config.json", 20), "mnist": ("configs/mnist.json", 1)}
 MNIST_SAMPLES, MNIST_VALID = 60_000, 6_000
 WARMUP_STEPS = 20
+REGISTRY = Registry()  # the names configs may build, as train.py's
 
 
 class _TTYSink(io.TextIOWrapper):
@@ -110,18 +117,23 @@ def close_logging():
 def load_workload(name, seed_data=0):
     """The workload's raw config (a dict) and its (train, valid) loaders, built once and shared by both sides."""
     raw = load_config_file(REPO / WORKLOADS[name][0])
-    raw["data_loader"]["args"]["data_dir"] = str(REPO / "data")
-    if name == "digits":
-        config = ConfigParser(raw)
-        train = config.init_obj("data_loader", seed=config["seed"])
-        return raw, train, train.split_validation()
+    raw["data_loader"]["dataset"]["args"]["root"] = str(REPO / "data")
+    if name == "digits":  # as train.py builds them
+        config = ConfigParser(raw, [], REGISTRY)
+        cfg = config["data_loader"]
+        sets = make_datasets(config)
+        loader_args = dict(batch_size=cfg["batch_size"], num_workers=cfg["num_workers"], seed=config["seed"])
+        train = BaseDataLoader(sets["train"], shuffle=cfg["shuffle"], **loader_args)
+        valid = BaseDataLoader(sets["valid"], even_shards=False, **loader_args) if sets["valid"] is not None else None
+        return raw, train, valid
     g = torch.Generator().manual_seed(seed_data)
     images = torch.randn(MNIST_SAMPLES, 1, 28, 28, generator=g)
     labels = torch.randint(0, 10, (MNIST_SAMPLES,), generator=g)
     n_train = MNIST_SAMPLES - MNIST_VALID
-    batch, seed = raw["data_loader"]["args"]["batch_size"], raw.get("seed", 0)
+    batch, seed = raw["data_loader"]["batch_size"], raw.get("seed", 0)
     train = BaseDataLoader(TensorDataset(images[:n_train], labels[:n_train]), batch, shuffle=True, seed=seed)
-    valid = BaseDataLoader(TensorDataset(images[n_train:], labels[n_train:]), batch, shuffle=False, seed=seed)
+    valid = BaseDataLoader(TensorDataset(images[n_train:], labels[n_train:]), batch, shuffle=False, seed=seed,
+                           even_shards=False)
     return raw, train, valid
 
 
@@ -134,7 +146,7 @@ def make_config(raw, save_dir, epochs, run_id, len_epoch=None):
     # the monitor itself, and the model_best.pth it drives, stay on.
     overrides = [f"trainer.save_dir={save_dir}", f"trainer.epochs={epochs}",
                  f"trainer.len_epoch={json.dumps(len_epoch)}", "trainer.early_stop=0"]
-    config = ConfigParser(raw, overrides, run_id=run_id)
+    config = ConfigParser(raw, overrides, REGISTRY, run_id=run_id)
     changed = [k for k, v in PLAIN_STEP.items() if config["trainer"].get(k, v) != v]
     if changed:
         raise SystemExit(f"trainer.{changed[0]} is set in the config; the raw loop here is a plain "
@@ -143,14 +155,20 @@ def make_config(raw, save_dir, epochs, run_id, len_epoch=None):
 
 
 def build(config, device):
-    """Model, loss, metrics, optimizer and scheduler as train.py builds them, after torch.manual_seed."""
+    """Model, loss, metrics, optimizer and scheduler as train.py builds them, after torch.manual_seed.
+
+    metrics: {name: metric object} as the Trainer takes them (train.build_loss_and_metrics: functions
+    wrapped as BatchMean), plus the plain metric functions a hand-written loop calls.
+    """
     torch.manual_seed(config["seed"])
     model = config.init_obj("arch").to(device)
-    criterion = config.init_ftn("loss", config["loss"])
-    metrics = [config.init_ftn("metrics", name) for name in config["metrics"]]
+    criterion, metrics = build_loss_and_metrics(config, device)
+    functions = [config.init_ftn(f"metrics.{i}") for i in range(len(config.metric_names))]
+    if any(hasattr(f, "update") for f in functions):
+        raise SystemExit("a metric in the config is a Metric class; the raw loop here calls plain metric functions")
     optimizer = config.init_obj("optimizer", [p for p in model.parameters() if p.requires_grad])
     scheduler = config.init_obj("lr_scheduler", optimizer) if config["lr_scheduler"] else None
-    return model, criterion, metrics, optimizer, scheduler
+    return model, criterion, metrics, functions, optimizer, scheduler
 
 
 def raw_fit(config, device, train_loader, valid_loader, save_dir=None):
@@ -162,7 +180,8 @@ def raw_fit(config, device, train_loader, valid_loader, save_dir=None):
     save_period, the last epoch, and whenever the monitored metric improves). save_dir=None (--bare)
     leaves out the training metrics and the saves.
     """
-    model, criterion, metrics, optimizer, scheduler = build(config, device)
+    model, criterion, _, metrics, optimizer, scheduler = build(config, device)
+    names = config.metric_names
     t = config["trainer"]
     per_step = scheduler is not None and config["lr_scheduler"]["interval"] == "step"
     steps_per_epoch = t["len_epoch"]  # None: a full pass (timed runs); set for the warm-up
@@ -189,7 +208,7 @@ def raw_fit(config, device, train_loader, valid_loader, save_dir=None):
             if save_dir is not None:
                 train_sums += torch.stack([loss.detach(), *(m(output, target) for m in metrics)]) * len(target)
                 n_train += len(target)
-        log = dict(zip(["loss", *config["metrics"]], (train_sums / max(n_train, 1)).tolist()))
+        log = dict(zip(["loss", *names], (train_sums / max(n_train, 1)).tolist()))
         if valid_loader is not None:
             model.eval()
             sums, n = torch.zeros(1 + len(metrics), device=device), 0
@@ -200,7 +219,7 @@ def raw_fit(config, device, train_loader, valid_loader, save_dir=None):
                     values = torch.stack([criterion(output, target), *(m(output, target) for m in metrics)])
                     sums += values * len(target)
                     n += len(target)
-            log.update(zip(["val_loss", *("val_" + m for m in config["metrics"])], (sums / n).tolist()))
+            log.update(zip(["val_loss", *("val_" + m for m in names)], (sums / n).tolist()))
         if scheduler is not None and not per_step:
             if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
                 scheduler.step(log[monitored])
@@ -220,7 +239,7 @@ def raw_fit(config, device, train_loader, valid_loader, save_dir=None):
 
 def trainer_fit(config, device, train_loader, valid_loader, show_output=False, profiler=None):
     """The template's Trainer with the config's settings. Returns (model, optimizer steps, seconds)."""
-    model, criterion, metrics, optimizer, scheduler = build(config, device)
+    model, criterion, metrics, _, optimizer, scheduler = build(config, device)
     config.make_run_dirs()
     try:
         with console_to_devnull(not show_output):
@@ -246,7 +265,7 @@ def same_weights(a, b) -> bool:
 def bench(name, args, device, tmp):
     raw, train_loader, valid_loader = load_workload(name)
     epochs = args.epochs or WORKLOADS[name][1]
-    batch = train_loader.batch_size
+    batch = train_loader.sampler.batch_size
     print(f"\n## {name}: {len(train_loader.dataset)} training samples, batch {batch}, {epochs} epoch(s) per run, "
           f"{len(valid_loader.dataset) if valid_loader else 0} validation samples", flush=True)
 
@@ -296,8 +315,8 @@ import time
 t0 = time.perf_counter()
 import torch
 t1 = time.perf_counter()
-import train, test, parse_config, trainer, logger, utils, base, model.model, model.loss, model.metric
-import data_loader.data_loaders
+import train, test, cli, parse_config, trainer, logger, utils, base, model.model, model.loss, model.metric
+import base.base_metric, data_loader.datasets, utils.registry, utils.config_file, utils.checkpoint, utils.preemption
 print(t1 - t0, time.perf_counter() - t1)
 """
 

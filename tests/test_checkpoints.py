@@ -10,7 +10,8 @@ from model.model import DigitsModel
 from utils.checkpoint import find_checkpoint
 
 FAST = "trainer.tensorboard=false"
-STATE = ("model", "optimizer", "lr_scheduler", "trainer", "rng")  # everything a resume restores
+STATE = ("model", "optimizer", "lr_scheduler", "scaler", "trainer", "metrics", "rng")  # everything a resume restores
+KEYS = {"arch", "run_id", "config", "epoch", "model", "optimizer", "lr_scheduler", "scaler", "trainer", "metrics", "rng"}
 
 
 def dirs(path):
@@ -29,22 +30,27 @@ def straight(tmp_path_factory):
 @pytest.mark.parametrize("file", ["checkpoint-epoch3.pth", "model_best.pth"])
 def test_checkpoint_is_plain_data_with_the_full_training_state(digits_run, file):
     checkpoint = torch.load(digits_run.model_dir / file, weights_only=True)  # no code can run from it
-    assert {"arch", "epoch", "model", "optimizer", "lr_scheduler", "trainer", "rng", "config"} <= set(checkpoint)
-    assert checkpoint["arch"] == "DigitsModel"
+    assert set(checkpoint) == KEYS
+    assert checkpoint["arch"] == "DigitsModel" and checkpoint["run_id"] == "r1"
     assert set(checkpoint["model"]) == set(DigitsModel().state_dict())  # no module. / _orig_mod. prefixes
     assert not any(k.startswith(("module.", "_orig_mod.")) for k in checkpoint["model"])
     DigitsModel().load_state_dict(checkpoint["model"])  # strict
     epoch = checkpoint["epoch"]
     if file == "checkpoint-epoch3.pth":
         assert epoch == 3
-    assert checkpoint["trainer"]["epoch"] == epoch
-    assert checkpoint["trainer"]["global_step"] == STEPS_PER_EPOCH * epoch
+    trainer = checkpoint["trainer"]
+    assert set(trainer) == {"epoch", "global_step", "batches_done", "monitor_best", "not_improved_count"}
+    assert trainer["epoch"] == epoch and trainer["batches_done"] == 0  # saved at an epoch's end
+    assert trainer["global_step"] == STEPS_PER_EPOCH * epoch
+    assert 0 < trainer["monitor_best"] <= 1 and trainer["not_improved_count"] >= 0  # max val_accuracy
+    assert checkpoint["metrics"] is None  # no partial epoch to carry over
+    assert checkpoint["scaler"] == {}  # no fp16: the disabled scaler's (empty) state
     assert checkpoint["optimizer"]["param_groups"][0]["lr"] == 0.002
     assert all(s["step"] == STEPS_PER_EPOCH * epoch for s in checkpoint["optimizer"]["state"].values())
     assert checkpoint["lr_scheduler"]["last_epoch"] == epoch
     rng = checkpoint["rng"]
-    for state in rng if isinstance(rng, list) else [rng]:  # one per process
-        assert {"python", "numpy", "torch"} <= set(state)
+    assert isinstance(rng, list) and len(rng) == 1  # one per process
+    assert {"python", "numpy", "torch"} <= set(rng[0])
     assert type(checkpoint["config"]) is dict
     assert checkpoint["config"] == read_json(digits_run.model_dir / "config.json")
 

@@ -10,12 +10,19 @@ import torch.nn.functional as F
 
 import test as test_script
 from conftest import (N_TEST, ROOT, assert_ok, call_main, main_error, read_json, run_script, tree)
-from data_loader.data_loaders import DigitsDataLoader
+from base.base_data_loader import make_datasets, split_indices
+from data_loader.datasets import DigitsDataset
 from model.model import DigitsModel
 from parse_config import ConfigParser
 from utils.errors import ConfigError
+from utils.registry import Registry
 
 BASE = json.loads((ROOT / "config.json").read_text())
+REGISTRY = Registry()
+
+
+def new_parser(overrides=(), **kwargs):
+    return ConfigParser(copy.deepcopy(BASE), list(overrides), REGISTRY, **kwargs)
 
 
 # ---- test.py ----------------------------------------------------------------------------------
@@ -49,12 +56,19 @@ def test_test_script_evaluates_the_checkpoint_on_the_test_split(digits_run, run_
     for key in ("loss", "accuracy", "top_k_acc"):
         assert written[key] == printed[key]
 
-    # the numbers are the checkpoint's model on the held-out test split
+    # the numbers are the checkpoint's model on the held-out test split: the 15% of the digits
+    # (seed 1) that are in neither the training nor the validation split
+    saved = torch.load(checkpoint, weights_only=True)
     model = DigitsModel()
-    model.load_state_dict(torch.load(checkpoint, weights_only=True)["model"])
+    model.load_state_dict(saved["model"])
     model.eval()
-    x, y = DigitsDataLoader("data/", 32, validation_split=0.15, test_split=0.15, training=False,
-                            seed=1).dataset.tensors
+    images, labels = DigitsDataset("data/").tensors
+    valid_idx, test_idx, train_idx = split_indices(len(labels), [0.15, 0.15], seed=1)
+    assert len(test_idx) == N_TEST and len(valid_idx) + len(test_idx) + len(train_idx) == len(labels)
+    assert len(set(test_idx.tolist()) | set(valid_idx.tolist()) | set(train_idx.tolist())) == len(labels)  # disjoint
+    x, y = images[test_idx], labels[test_idx]
+    splits = make_datasets(ConfigParser(saved["config"], [], REGISTRY, resume=True))  # what test.py evaluates
+    assert all(torch.equal(a, b) for a, b in zip(splits["test"].tensors, (x, y)))
     with torch.no_grad():
         out = model(x).double()
     assert written["loss"] == pytest.approx(F.nll_loss(out, y).item(), rel=1e-5)
@@ -68,9 +82,9 @@ def test_test_script_takes_a_run_directory(run_copy):
 
 
 def test_test_script_refuses_an_empty_test_split(run_copy, capsys):
-    code, err = main_error(test_script.main, ["-r", run_copy / "model_best.pth", "data_loader.args.test_split=0"],
+    code, err = main_error(test_script.main, ["-r", run_copy / "model_best.pth", "data_loader.test_split=0"],
                            capsys)
-    assert code == 2 and "test_split" in err
+    assert code == 2 and err.count("\n") == 1 and err.startswith("error: data_loader: ") and "test_split" in err, err
     assert not (run_copy / "test_metrics.json").exists()
 
 
@@ -106,8 +120,9 @@ def test_new_project_from_this_template_runs(tmp_path):
     target = tmp_path / "MyProject"
     assert_ok(run_script("new_project.py", target))
     copied = tree(target)
-    for name in ("train.py", "test.py", "parse_config.py", "config.json", "data/digits.csv.gz",
-                 "model/model.py", "trainer/trainer.py", "base/base_trainer.py", "tests/conftest.py"):
+    for name in ("train.py", "test.py", "parse_config.py", "config.json", "data/digits.csv.gz", "model/model.py",
+                 "data_loader/datasets.py", "trainer/trainer.py", "base/base_trainer.py", "base/base_data_loader.py",
+                 "utils/registry.py", "tests/conftest.py"):
         assert name in copied
     assert not [p for p in copied if {"saved", ".git", "__pycache__"} & set(p.split("/")) or p.endswith(".pyc")]
     result = run_script(target / "train.py", "-c", "config.json", "--dry-run", f"trainer.save_dir={tmp_path / 'saved'}",
@@ -125,15 +140,15 @@ def test_run_id_option_names_the_run(digits_run):
 
 def test_default_run_id_contains_the_year():
     years = {str(datetime.now().year)}
-    run_id = ConfigParser(copy.deepcopy(BASE)).run_id
+    run_id = new_parser().run_id
     years.add(str(datetime.now().year))
     assert any(year in run_id for year in years)
 
 
 def test_runs_started_in_the_same_second_get_distinct_directories(tmp_path):
     overrides = [f"trainer.save_dir={tmp_path / 'saved'}"]
-    first = ConfigParser(copy.deepcopy(BASE), overrides)
-    second = ConfigParser(copy.deepcopy(BASE), overrides)
+    first = new_parser(overrides)
+    second = new_parser(overrides)
     second.run_id = first.run_id  # as if both started in the same second
     first.make_run_dirs()
     second.make_run_dirs()
@@ -146,10 +161,10 @@ def test_runs_started_in_the_same_second_get_distinct_directories(tmp_path):
 
 def test_a_taken_run_id_is_an_error_and_the_run_is_left_alone(tmp_path):
     overrides = [f"trainer.save_dir={tmp_path / 'saved'}"]
-    first = ConfigParser(copy.deepcopy(BASE), overrides, run_id="mine")
+    first = new_parser(overrides, run_id="mine")
     first.make_run_dirs()
     config_bytes = (first.save_dir / "config.json").read_bytes()
-    second = ConfigParser(copy.deepcopy(BASE), overrides + ["trainer.epochs=3"], run_id="mine")
+    second = new_parser(overrides + ["trainer.epochs=3"], run_id="mine")
     with pytest.raises(ConfigError, match="--run-id"):
         second.make_run_dirs()
     assert (first.save_dir / "config.json").read_bytes() == config_bytes

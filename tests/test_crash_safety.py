@@ -8,7 +8,10 @@ import time
 import pytest
 import torch
 
-from conftest import ROOT, THREADS_ENV, Run, assert_ok, assert_user_error, run_script, run_train
+import test as test_script
+import train as train_script
+from conftest import (ROOT, THREADS_ENV, Run, assert_user_error, call_main, main_error, run_script, run_train,
+                      train)
 from utils.checkpoint import CHECKPOINT_KEYS, list_checkpoints, load_checkpoint
 
 FAST = ["trainer.tensorboard=false", "trainer.verbosity=0"]
@@ -48,18 +51,26 @@ def test_sigkill_during_saves_leaves_only_complete_checkpoints(tmp_path):
         assert loadable_checkpoints(run.model_dir)
         assert len(list_checkpoints(run.model_dir)) <= 4  # keep_last=3, plus at most one not yet pruned
     # resuming cleans away temporary files a killed save left
-    result = run_train("-r", run.model_dir, "trainer.epochs=1", "trainer.save_every_steps=0")
-    assert_ok(result)
+    (run.model_dir / ".checkpoint-epoch9.pth.x1y2z3.tmp").write_bytes(b"half a checkpoint")  # as a kill mid-write leaves
+    call_main(train_script.main, ["-r", run.model_dir, "trainer.epochs=1", "trainer.save_every_steps=0"])
     assert not list(run.model_dir.glob(".*.tmp"))
 
 
 def test_keep_last_prunes_old_checkpoints_after_the_new_one(tmp_path):
-    save_dir = tmp_path / "saved"
-    assert_ok(run_train("-c", "config.json", "--run-id", "r", f"trainer.save_dir={save_dir}", "trainer.epochs=2",
-                        "trainer.save_every_steps=10", "trainer.keep_last=2", *FAST))
-    run = Run(save_dir, "r")
+    run = train(tmp_path / "saved", "trainer.epochs=2", "trainer.save_every_steps=10", "trainer.keep_last=2", *FAST,
+                run_id="r")
     # 80 steps: mid-epoch saves at 10..70 (not at 40 and 80, the epoch ends), then epoch 2's checkpoint
     assert run.pth_files() == {"checkpoint-epoch2-step70.pth", "checkpoint-epoch2.pth", "model_best.pth"}
+    # a mid-epoch checkpoint carries the epoch's partial metric sums (one entry per process)
+    mid = run.checkpoint("checkpoint-epoch2-step70.pth")
+    assert mid["epoch"] == 2 and mid["trainer"]["epoch"] == 1
+    assert mid["trainer"]["global_step"] == 70 and mid["trainer"]["batches_done"] == 30
+    assert isinstance(mid["metrics"], list) and len(mid["metrics"]) == 1
+    sums = mid["metrics"][0]
+    assert set(sums) == {"loss", "accuracy", "top_k_acc"}
+    assert all(s[1].item() == 30 * 32 for s in sums.values())  # weights: the 960 samples of 30 batches
+    assert 0 < sums["accuracy"][0].item() <= 960
+    assert run.checkpoint("checkpoint-epoch2.pth")["metrics"] is None
 
 
 def test_non_finite_loss_stops_without_saving_bad_weights(tmp_path):
@@ -81,10 +92,8 @@ def test_non_finite_loss_stops_without_saving_bad_weights(tmp_path):
 
 @pytest.fixture(scope="module")
 def good_checkpoint(tmp_path_factory):
-    save_dir = tmp_path_factory.mktemp("good") / "saved"
-    assert_ok(run_train("-c", "config.json", "--run-id", "g", f"trainer.save_dir={save_dir}", "trainer.epochs=1",
-                        *FAST))
-    return Run(save_dir, "g").model_dir / "checkpoint-epoch1.pth"
+    run = train(tmp_path_factory.mktemp("good") / "saved", "trainer.epochs=1", *FAST, run_id="g")
+    return run.model_dir / "checkpoint-epoch1.pth"
 
 
 class _CreatesFile:
@@ -114,40 +123,58 @@ def bad_files(tmp_path, good):
 
 
 @pytest.mark.parametrize("kind", ["truncated", "corrupt", "not_checkpoint", "text", "evil", "plain_pickle"])
-@pytest.mark.parametrize("script", ["train.py", "test.py"])
-def test_bad_checkpoint_is_one_line_exit_2_and_runs_nothing(tmp_path, good_checkpoint, kind, script):
+@pytest.mark.parametrize("main", [train_script.main, test_script.main], ids=["train.py", "test.py"])
+def test_bad_checkpoint_is_one_line_exit_2_and_runs_nothing(tmp_path, capsys, good_checkpoint, kind, main):
     path = bad_files(tmp_path, good_checkpoint)[kind]
-    result = run_script(script, "-r", path, "trainer.save_dir=" + str(tmp_path / "saved"))
-    line = assert_user_error(result, str(path))
+    code, err = main_error(main, ["-r", path, "trainer.save_dir=" + str(tmp_path / "saved")], capsys)
+    assert code == 2 and err.count("\n") == 1 and err.startswith(f"error: {path}: "), err
     assert not (tmp_path / "PWNED").exists()
     assert not (tmp_path / "saved").exists()
-    if kind == "evil":
-        assert "refused to load" in line
+    if kind == "evil":  # a torch.save archive holding an object: refused before unpickling it
+        assert "refused to load" in err
+    if kind == "plain_pickle":  # not even a torch.save archive: never unpickled
+        assert "not a checkpoint" in err
 
 
-def test_checkpoint_of_another_architecture_is_refused(tmp_path, good_checkpoint):
+def test_code_in_a_checkpoint_is_refused_on_the_command_line(tmp_path, good_checkpoint):
+    """The same as above through the real command line (test.py loads checkpoints the same way)."""
+    path = bad_files(tmp_path, good_checkpoint)["evil"]
+    result = run_script("train.py", "-r", path, "trainer.save_dir=" + str(tmp_path / "saved"))
+    assert_user_error(result, str(path), "refused to load")
+    assert not (tmp_path / "PWNED").exists()
+    assert not (tmp_path / "saved").exists()
+
+
+def test_checkpoint_of_another_architecture_is_refused(tmp_path, capsys, good_checkpoint):
     other = tmp_path / "other.json"
-    other.write_text((ROOT / "config.json").read_text().replace('"DigitsModel", "args": {}',
-                                                                '"LinearModel", "args": {}'))
-    result = run_train("-c", other, "-r", good_checkpoint, f"trainer.save_dir={tmp_path / 'saved'}")
-    assert_user_error(result, "do not fit the model LinearModel", "missing keys: fc.bias, fc.weight",
-                      "unexpected keys: conv1.bias")
+    text = (ROOT / "config.json").read_text()
+    assert '"DigitsModel", "args": {}' in text
+    other.write_text(text.replace('"DigitsModel", "args": {}', '"LinearModel", "args": {}'))
+    code, err = main_error(train_script.main, ["-c", other, "-r", good_checkpoint,
+                                               f"trainer.save_dir={tmp_path / 'saved'}"], capsys)
+    assert code == 2 and err.count("\n") == 1 and err.startswith(f"error: {good_checkpoint}: "), err
+    for fragment in ("do not fit the model LinearModel", "missing keys: fc.bias, fc.weight", "unexpected keys: conv1.bias"):
+        assert fragment in err
     assert not (tmp_path / "saved").exists()
 
 
 @pytest.mark.parametrize("name", ["os.system", "eval", "__import__", "__class__", "_private", "exec", "BaseModel",
                                   "torch.load", "torch.nn._reduction", "torchvision.io.read_file"])
-def test_config_types_reach_only_the_projects_names_and_the_allowlist(tmp_path, name):
-    result = run_train("-c", "config.json", f"arch.type={name}", f"trainer.save_dir={tmp_path / 'saved'}")
-    assert_user_error(result, "arch.type", f"unknown name '{name}'", "available: DigitsDataset, DigitsModel",
-                      "a dotted name in torch.nn")
+def test_config_types_reach_only_the_projects_names_and_the_allowlist(tmp_path, capsys, name):
+    code, err = main_error(train_script.main, ["-c", "config.json", f"arch.type={name}",
+                                               f"trainer.save_dir={tmp_path / 'saved'}"], capsys)
+    assert code == 2 and err.count("\n") == 1, err
+    assert err.startswith(f"error: arch.type: unknown name '{name}'; available: DigitsDataset, DigitsModel"), err
+    assert "a dotted name in torch.nn" in err
     assert not (tmp_path / "saved").exists()
 
 
-def test_an_allowlisted_class_that_is_not_a_model_is_refused_before_anything_runs(tmp_path):
+def test_an_allowlisted_class_that_is_not_a_model_is_refused_before_anything_runs(tmp_path, capsys):
     """torch.optim.Adam is a reachable name, but not a model: the config is refused in one line."""
-    result = run_train("-c", "config.json", "arch.type=torch.optim.Adam", f"trainer.save_dir={tmp_path / 'saved'}")
-    assert_user_error(result, "arch.args: ", "'params'", "torch.optim.Adam(")
+    code, err = main_error(train_script.main, ["-c", "config.json", "arch.type=torch.optim.Adam",
+                                               f"trainer.save_dir={tmp_path / 'saved'}"], capsys)
+    assert code == 2 and err.count("\n") == 1, err
+    assert err.startswith("error: arch.args: ") and "'params'" in err and "torch.optim.Adam(" in err
     assert not (tmp_path / "saved").exists()
 
 

@@ -10,7 +10,8 @@ import torch
 import torch.distributed as tdist
 import torch.multiprocessing as mp
 
-from conftest import ROOT, THREADS_ENV, Run, assert_ok, assert_same, run_train, without_time
+from conftest import (ROOT, THREADS_ENV, Run, assert_ok, assert_same, assert_user_error, parse_config, run_train,
+                      without_time)
 
 FAST = ["trainer.tensorboard=false", "trainer.verbosity=1"]
 LINEAR = ["arch.type=LinearModel", "lr_scheduler=null", "trainer.monitor=off", "optimizer.type=SGD",
@@ -59,7 +60,7 @@ def test_ddp_resume_is_bitwise(ddp_run, tmp_path):
     (resumed.model_dir / "checkpoint-epoch2.pth").unlink()
     assert_ok(torchrun("-r", resumed.model_dir / "checkpoint-epoch1.pth"))
     a, b = ddp_run.checkpoint("checkpoint-epoch2.pth"), resumed.checkpoint("checkpoint-epoch2.pth")
-    for key in ("model", "optimizer", "lr_scheduler", "trainer", "rng"):
+    for key in ("model", "optimizer", "lr_scheduler", "scaler", "trainer", "metrics", "rng"):
         assert_same(a[key], b[key], key)
     assert without_time(ddp_run.metrics()) == without_time(resumed.metrics())
 
@@ -82,47 +83,51 @@ def test_two_processes_with_half_batches_equal_one_with_full_batches(tmp_path):
     """The sampler splits each shuffled order between the ranks, and DDP averages their gradients, so
     per-rank batch 16 on 2 processes is batch 32 on one (39 full batches: 1257 samples)."""
     args = ["-c", "config.json", "--run-id", "e", *LINEAR, *FAST, "trainer.epochs=1", "trainer.len_epoch=39"]
-    assert_ok(run_train(*args, f"trainer.save_dir={tmp_path / 'one'}", "data_loader.args.batch_size=32"))
-    assert_ok(torchrun(*args, f"trainer.save_dir={tmp_path / 'two'}", "data_loader.args.batch_size=16"))
+    assert_ok(run_train(*args, f"trainer.save_dir={tmp_path / 'one'}", "data_loader.batch_size=32"))
+    assert_ok(torchrun(*args, f"trainer.save_dir={tmp_path / 'two'}", "data_loader.batch_size=16"))
     one = Run(tmp_path / "one", "e").checkpoint("checkpoint-epoch1.pth")["model"]
     two = Run(tmp_path / "two", "e").checkpoint("checkpoint-epoch1.pth")["model"]
     for key in one:
         torch.testing.assert_close(one[key], two[key], rtol=0, atol=1e-5)
 
 
+def _validation(batch_size=25):
+    """A Trainer with LinearModel (seeded weights) and config.json's validation split, batched for
+    evaluation; under torch.distributed the loader holds this process's shard."""
+    from base import BaseDataLoader
+    from base.base_data_loader import make_datasets
+    from base.base_metric import metric_object
+    from model.loss import nll_loss
+    from model.metric import MacroF1, accuracy
+    from model.model import LinearModel
+    from trainer import Trainer
+
+    config = parse_config(f"data_loader.dataset.args.root={ROOT / 'data'}")
+    loader = BaseDataLoader(make_datasets(config)["valid"], batch_size, even_shards=False, seed=config["seed"])
+    torch.manual_seed(0)
+    metrics = {"accuracy": metric_object(accuracy), "macro_f1": metric_object(MacroF1())}
+    return Trainer(LinearModel(), nll_loss, metrics, None, config, torch.device("cpu")), loader
+
+
 def _evaluate_on_rank(rank, world, port, queue):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
     tdist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        from data_loader.data_loaders import DigitsDataLoader
-        from model.loss import nll_loss
-        from model.metric import accuracy
-        from model.model import LinearModel
-        from trainer.trainer import evaluate
-
-        torch.manual_seed(0)
-        model = LinearModel()
-        loader = DigitsDataLoader(str(ROOT / "data"), 25, validation_split=0.15, test_split=0.15, seed=1)
-        valid = loader.split_validation()
+        trainer, valid = _validation()
         shard = valid.sampler.indices().tolist()
-        queue.put((rank, shard, evaluate(model, valid, nll_loss, [accuracy], torch.device("cpu"))))
+        queue.put((rank, shard, trainer.evaluate(valid)))
     finally:
         tdist.destroy_process_group()
 
 
 def test_validation_metrics_are_reduced_to_the_single_process_numbers():
     """Each of 2 processes sees half the 270 validation samples (uneven batches of 25); both report
-    the numbers one process reports on all of them."""
-    from data_loader.data_loaders import DigitsDataLoader
-    from model.loss import nll_loss
-    from model.metric import accuracy
-    from model.model import LinearModel
-    from trainer.trainer import evaluate
-
-    torch.manual_seed(0)
-    model = LinearModel()
-    loader = DigitsDataLoader(str(ROOT / "data"), 25, validation_split=0.15, test_split=0.15, seed=1)
-    single = evaluate(model, loader.split_validation(), nll_loss, [accuracy], torch.device("cpu"))
+    the numbers one process reports on all of them: the batch means (loss, accuracy) and a Metric
+    computed from the summed confusion matrix (MacroF1)."""
+    trainer, valid = _validation()
+    single = trainer.evaluate(valid)
+    assert set(single) == {"loss", "accuracy", "macro_f1"}
 
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
@@ -138,7 +143,7 @@ def test_validation_metrics_are_reduced_to_the_single_process_numbers():
     assert len(shards[0]) == len(shards[1]) == 135 and shards[0] | shards[1] == set(range(270))
     for rank in (0, 1):
         for key in single:
-            assert results[rank][1][key] == pytest.approx(single[key], rel=1e-6)
+            assert results[rank][1][key] == pytest.approx(single[key], rel=1e-6), key
     assert results[0][1] == results[1][1]
 
 
@@ -159,7 +164,11 @@ def test_sigterm_to_torchrun_stops_all_ranks_and_rank_0_saves(tmp_path):
     saved = [p for p in run.pth_files() if "-step" in p]
     assert len(saved) == 1, out
     assert "Resume with: python train.py -r" in out
-    assert run.checkpoint(saved[0])["trainer"]["epoch"] == 1  # stopped inside epoch 2, same step on both ranks
+    middle = run.checkpoint(saved[0])
+    assert middle["trainer"]["epoch"] == 1  # stopped inside epoch 2, same step on both ranks
+    assert len(middle["metrics"]) == 2  # each process's partial sums of the epoch so far
+    # those sums belong to 2 processes: a mid-epoch checkpoint resumes only with as many
+    assert_user_error(run_train("-r", run.model_dir / saved[0]), "saved by 2 processes")
     assert_ok(torchrun("-r", run.model_dir / saved[0], "trainer.epochs=2"))
     assert [r["epoch"] for r in run.metrics()] == ["1", "2"]
 

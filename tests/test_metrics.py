@@ -9,7 +9,7 @@ import torch.distributed as tdist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from conftest import Run, assert_ok, assert_same, run_train, without_time
+from conftest import Run, assert_same, call_main, train, without_time
 
 N, K = 300, 8  # samples; logit columns (class 7 is never a target nor predicted)
 
@@ -201,9 +201,7 @@ COMMON = ["trainer.tensorboard=false", "trainer.verbosity=1", 'metrics=["accurac
 @pytest.fixture(scope="module")
 def f1_run(tmp_path_factory):
     """config.json (40 steps of 32 per epoch) with accuracy and MacroF1, 2 epochs, a checkpoint every 15 steps."""
-    save_dir = tmp_path_factory.mktemp("f1") / "saved"
-    assert_ok(run_train("-c", "config.json", "--run-id", "m", f"trainer.save_dir={save_dir}", *COMMON))
-    return Run(save_dir, "m")
+    return train(tmp_path_factory.mktemp("f1") / "saved", *COMMON, run_id="m")  # in this process
 
 
 def test_mid_epoch_checkpoint_holds_the_partial_metric_sums(f1_run):
@@ -225,7 +223,8 @@ def test_mid_epoch_resume_gives_the_same_metrics(f1_run, tmp_path):
     checkpoint; every row and the later checkpoints are bitwise those of the uninterrupted run."""
     resumed = Run(tmp_path / "saved", "m")
     shutil.copytree(f1_run.save_dir, resumed.save_dir)
-    assert_ok(run_train("-r", resumed.model_dir / "checkpoint-epoch1-step30.pth"))
+    import train as train_script
+    call_main(train_script.main, ["-r", resumed.model_dir / "checkpoint-epoch1-step30.pth"])
     assert without_time(resumed.metrics()) == without_time(f1_run.metrics())
     assert [r["epoch"] for r in resumed.metrics()] == ["1", "2"]
     for name in ("checkpoint-epoch2-step45.pth", "checkpoint-epoch2-step75.pth", "checkpoint-epoch2.pth"):

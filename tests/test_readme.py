@@ -3,8 +3,10 @@ import json
 import re
 
 from conftest import ROOT
+from base.base_data_loader import LOADER_DEFAULTS
 from base.base_trainer import TRAINER_DEFAULTS
-from parse_config import REQUIRED, TOP_LEVEL
+from parse_config import TOP_LEVEL
+from utils.errors import REQUIRED
 
 README = (ROOT / "README.md").read_text()
 
@@ -17,9 +19,11 @@ def documented_defaults():
 
 def test_every_config_key_is_documented_with_its_default():
     table = documented_defaults()
-    expected = {key: "required" if default is REQUIRED else f"`{json.dumps(default)}`"
-                for key, (default, _, _) in TOP_LEVEL.items()}
-    expected.update({f"trainer.{key}": f"`{json.dumps(default)}`" for key, (default, _, _) in TRAINER_DEFAULTS.items()})
+    expected = {}
+    for prefix, schema in (("", TOP_LEVEL), ("data_loader.", LOADER_DEFAULTS), ("trainer.", TRAINER_DEFAULTS)):
+        expected.update({prefix + key: "required" if default is REQUIRED else f"`{json.dumps(default)}`"
+                         for key, (default, _, _) in schema.items()})
+    assert "trainer.log_images" in expected and "data_loader.dataset" in expected
     assert {k: table.get(k) for k in expected} == expected
     assert set(table) == set(expected)  # and nothing that does not exist
 

@@ -11,7 +11,9 @@ PROJECT_PACKAGES = ("model", "data_loader")
 ALLOWED_MODULES = ("torch.nn", "torch.optim", "torch.optim.lr_scheduler", "torchvision.models",
                    "torchvision.datasets", "torchvision.transforms.v2")
 # Reachable, but this Trainer cannot drive them: LBFGS needs a closure that re-evaluates the loss.
-REFUSED = {"torch.optim.LBFGS": "it needs a closure that re-evaluates the loss, which this Trainer does not pass"}
+REFUSED = {"torch.optim.LBFGS": "it needs a closure that re-evaluates the loss, which this Trainer does not pass",
+           "torch.optim.Optimizer": "it is the abstract base class", "torch.optim.lr_scheduler.LRScheduler":
+           "it is the abstract base class"}
 
 
 class Registry:
@@ -45,14 +47,17 @@ class Registry:
         if name in REFUSED:
             raise ConfigError(f"{where}: {name} is not supported: {REFUSED[name]}")
         obj = getattr(importlib.import_module(module), attr, None)
-        if not callable(obj) or inspect.ismodule(obj):
+        # only what the module itself provides, not a helper it imported (functools.wraps, typing.cast)
+        if not callable(obj) or inspect.ismodule(obj) or not getattr(obj, "__module__", "").startswith(module):
             raise self._unknown(name, where, default, module)
         return obj
 
     def _unknown(self, name, where, default, module=None):
         shown = repr(name)[:80]
         if module:  # a dotted name in an allowed module: suggest its close matches
-            names = [n for n in dir(importlib.import_module(module)) if not n.startswith("_")]
+            mod = importlib.import_module(module)
+            names = [n for n in dir(mod) if not n.startswith("_")
+                     and str(getattr(getattr(mod, n), "__module__", "")).startswith(module)]
             close = difflib.get_close_matches(name.rpartition(".")[2], names, n=3)
             hint = f"did you mean {' or '.join(f'{module}.{c}' for c in close)}?" if close else f"see {module}"
             return ConfigError(f"{where}: unknown name {shown}; {hint}")

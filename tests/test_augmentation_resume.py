@@ -1,0 +1,158 @@
+"""Random augmentation (RandomResizedCrop, RandomHorizontalFlip) does not break exact resume: each
+training sample's randomness is seeded by (seed, epoch, index), in a DataLoader worker or not.
+
+The runs are configs/image_folder.json on a tiny image folder, with torchvision's
+mobilenet_v3_small (batch norm and dropout, like the ResNet18 of the config, at an eighth of the
+checkpoint size) on 32 px crops, run in this process: a few seconds for all of them."""
+import contextlib
+import io
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import ROOT, Run, assert_same, call_main, without_time
+
+NAME = "ImageFolder_ResNet18"
+EXACT_KEYS = ("model", "optimizer", "lr_scheduler", "trainer", "metrics", "rng")
+# 27 training images, batches of 8: 4 steps per epoch (the last of 3 images); a mid-epoch
+# checkpoint every 3 steps: checkpoint-epoch1-step3.pth and checkpoint-epoch2-step6.pth.
+SMALL = ["arch.type=torchvision.models.mobilenet_v3_small", "arch.args.num_classes=3", "data_loader.batch_size=8", "data_loader.train_transform.0.args.size=32",
+         "data_loader.eval_transform.0.args.size=36", "data_loader.eval_transform.1.args.size=32",
+         "trainer.tensorboard=false", "trainer.verbosity=1", "trainer.save_period=1", "trainer.save_every_steps=3"]
+
+
+def make_image_folder(root, counts=(("train", 9), ("val", 2), ("test", 1)), classes=3, seed=0):
+    """PNG images of random sizes (40-70 px) in root/<split>/class<c>/."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for split, per_class in counts:
+        for c in range(classes):
+            folder = Path(root) / split / f"class{c}"
+            folder.mkdir(parents=True)
+            for i in range(per_class):
+                w, h = rng.integers(40, 71, size=2)
+                pixels = rng.integers(0, 180, size=(h, w, 3), dtype=np.uint8)
+                pixels[..., c] += 70
+                Image.fromarray(pixels).save(folder / f"{i}.png")
+    return Path(root)
+
+
+def run_train(*argv) -> str:
+    """train.py's main in this process (the scripts' code path without the interpreter start-up);
+    its console output. A failure raises (SystemExit for a user error)."""
+    import train as train_script
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        call_main(train_script.main, [str(a) for a in argv])
+    return out.getvalue()
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    return make_image_folder(tmp_path_factory.mktemp("aug") / "images")
+
+
+def config_args(images, save_dir, workers, epochs=2):
+    return ["-c", "configs/image_folder.json", "--run-id", "a", f"trainer.save_dir={save_dir}",
+            f"data_loader.dataset.args.root={images / 'train'}", f"data_loader.valid_dataset.args.root={images / 'val'}",
+            f"data_loader.test_dataset.args.root={images / 'test'}", *SMALL, f"trainer.epochs={epochs}",
+            f"data_loader.num_workers={workers}"]
+
+
+@pytest.fixture(scope="module")
+def straight(images, tmp_path_factory):
+    """The uninterrupted 2-epoch run (no workers)."""
+    save_dir = tmp_path_factory.mktemp("straight") / "saved"
+    out = run_train(*config_args(images, save_dir, workers=0))
+    assert "Data: 27 training, 6 validation samples" in out
+    run = Run(save_dir, "a", name=NAME)
+    assert {"checkpoint-epoch1-step3.pth", "checkpoint-epoch2-step6.pth", "checkpoint-epoch2.pth"} <= run.pth_files()
+    return run
+
+
+def assert_same_run(a: Run, b: Run, *checkpoints):
+    for checkpoint in checkpoints:
+        ca, cb = a.checkpoint(checkpoint), b.checkpoint(checkpoint)
+        for key in EXACT_KEYS:
+            assert_same(ca[key], cb[key], f"{checkpoint}: {key}")
+    assert without_time(a.metrics()) == without_time(b.metrics())
+    assert [r["epoch"] for r in b.metrics()] == ["1", "2"]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_stop_after_one_epoch_then_resume_is_bitwise(images, straight, tmp_path, workers):
+    save_dir = tmp_path / "saved"
+    run_train(*config_args(images, save_dir, workers, epochs=1))
+    resumed = Run(save_dir, "a", name=NAME)
+    run_train("-r", resumed.model_dir / "checkpoint-epoch1.pth", "trainer.epochs=2")
+    assert_same_run(straight, resumed, "checkpoint-epoch2-step6.pth", "checkpoint-epoch2.pth")
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize("checkpoint", ["checkpoint-epoch1-step3.pth", "checkpoint-epoch2-step6.pth"])
+def test_resume_mid_epoch_is_bitwise(straight, tmp_path, workers, checkpoint):
+    """The straight run (saved with no workers) resumed mid-epoch, with 0 or 2 workers."""
+    resumed = Run(tmp_path / "saved", "a", name=NAME)
+    shutil.copytree(straight.save_dir, resumed.save_dir)
+    assert resumed.checkpoint(checkpoint)["trainer"]["batches_done"] in (2, 3)  # really mid-epoch
+    run_train("-r", resumed.model_dir / checkpoint, f"data_loader.num_workers={workers}")
+    assert (resumed.model_dir / "superseded" / "checkpoint-epoch2.pth").exists()  # it was rewritten
+    assert_same_run(straight, resumed, "checkpoint-epoch2-step6.pth", "checkpoint-epoch2.pth")
+
+
+# ---- what makes it exact ------------------------------------------------------------------------
+
+def image_config(images):
+    from parse_config import ConfigParser, load_config_file
+    from utils.registry import Registry
+
+    overrides = [o for o in config_args(images, "unused", 0) if "=" in o and not o.startswith("trainer.save_dir")]
+    return ConfigParser(load_config_file(ROOT / "configs/image_folder.json"), overrides, Registry())
+
+
+def test_each_epoch_draws_new_crops_and_a_key_always_the_same(images):
+    from base.base_data_loader import Transformed, make_datasets
+
+    train = make_datasets(image_config(images))["train"]
+    assert isinstance(train, Transformed) and train.seed == 1
+    for i in (0, 5, 26):
+        first, label = train[(0, i)]
+        assert first.shape == (3, 32, 32)
+        assert not torch.equal(first, train[(1, i)][0])  # a new crop / flip in each epoch
+        assert torch.equal(first, train[(0, i)][0]) and train[(0, i)][1] == label  # the key fixes it
+    # the process's own RNG stream is untouched by the sample's randomness
+    state = torch.get_rng_state()
+    train[(3, 4)]
+    assert torch.equal(state, torch.get_rng_state())
+    # without the per-sample seed the same sample is cropped differently on every call
+    unseeded = Transformed(train.dataset, train.transform)
+    assert not torch.equal(unseeded[4][0], unseeded[4][0])
+
+
+def test_worker_and_main_process_draw_the_same_crops(images):
+    from base import BaseDataLoader
+    from base.base_data_loader import make_datasets
+
+    train = make_datasets(image_config(images))["train"]
+    batches = {}
+    for workers in (0, 2):
+        loader = BaseDataLoader(train, batch_size=8, shuffle=True, num_workers=workers, seed=1)
+        assert loader.sampler.keyed
+        loader.set_epoch(1)
+        batches[workers] = list(loader)
+        loader.set_epoch(1)
+        keys = list(loader.sampler)
+    assert len(batches[2]) == 4
+    for (x0, y0), (x2, y2), key in zip(batches[0], batches[2], keys):
+        assert torch.equal(x0, x2) and torch.equal(y0, y2)
+        by_hand = torch.stack([train[k][0] for k in key])  # the main process, sample by sample
+        assert torch.equal(x2, by_hand)
+    # resuming mid-epoch: the rest of the epoch is the same batches
+    loader = BaseDataLoader(train, batch_size=8, shuffle=True, num_workers=2, seed=1)
+    loader.set_epoch(1, start_batch=2)
+    rest = list(loader)
+    assert len(rest) == 2 and all(torch.equal(a[0], b[0]) for a, b in zip(rest, batches[0][2:]))
