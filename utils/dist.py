@@ -44,26 +44,22 @@ def all_reduce(tensor: torch.Tensor, op="sum") -> torch.Tensor:
 
 def any_process(flag: bool, device) -> bool:
     """True on every process if `flag` is true on any (a collective: every process must call it)."""
-    if not is_distributed():
-        return flag
-    return bool(all_reduce(torch.tensor([float(flag)], device=device)).item())
+    return bool(all_reduce(torch.tensor([float(flag)], device=device)).item()) if is_distributed() else flag
 
 
 def broadcast_object(obj):
     """Rank 0's `obj` on every process."""
-    if not is_distributed():
-        return obj
     box = [obj]
-    dist.broadcast_object_list(box, src=0)
+    if is_distributed():
+        dist.broadcast_object_list(box, src=0)
     return box[0]
 
 
 def gather_objects(obj) -> list:
     """[obj of rank 0, obj of rank 1, ...] on every process."""
-    if not is_distributed():
-        return [obj]
-    out = [None] * world_size()
-    dist.all_gather_object(out, obj)
+    out = [obj] * world_size()
+    if is_distributed():
+        dist.all_gather_object(out, obj)
     return out
 
 
