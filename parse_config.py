@@ -1,10 +1,8 @@
-"""ConfigParser: read a JSON/YAML experiment config, merge defaults and command-line overrides,
-validate it, and build the objects it names.
+"""ConfigParser: merge defaults and command-line overrides into a config, validate it, build what it names.
 
 Precedence: command-line overrides > the config file (or a resumed checkpoint's config) > defaults.
-Parsing has no side effects; make_run_dirs() is the one explicit step that creates directories.
-The programs hand the parser a Registry (utils/registry.py): the only names it may build.
-"""
+Parsing has no side effects (make_run_dirs() creates the run's directories). The programs hand the
+parser a Registry (utils/registry.py): the only names it may build."""
 import copy
 import functools
 import inspect
@@ -38,6 +36,9 @@ SECTIONS = {"data_loader": LOADER_DEFAULTS, "trainer": TRAINER_DEFAULTS}
 # Where a bare name is looked up after the project's own packages.
 DEFAULT_MODULES = {"optimizer": "torch.optim", "lr_scheduler": "torch.optim.lr_scheduler",
                    "train_transform": "torchvision.transforms.v2", "eval_transform": "torchvision.transforms.v2"}
+MINIMUM = {"n_gpu": 0, "trainer.epochs": 1, "trainer.save_period": 1, "trainer.log_step": 1, "trainer.early_stop": 0,
+           "trainer.keep_last": 0, "trainer.save_every_steps": 0, "trainer.accumulate_steps": 1,
+           "data_loader.batch_size": 1, "data_loader.num_workers": 0}
 EXTRA_KEYS = {"valid_dataset": ("optional",), "test_dataset": ("optional",), "metrics": ("name",), "lr_scheduler": ("interval",)}
 
 
@@ -97,12 +98,8 @@ def _arg(value):
 
 
 class ConfigParser:
-    """A validated experiment config plus where its run writes. Building one touches no files
-    beyond reading the config.
-
-    config: the resolved config (plain data). run_id: the run's name. resume: True when this
-    continues an existing run (same run id and directories). registry: what names may build.
-    """
+    """A validated experiment config (plain data in .config) plus where its run writes: run_id, and
+    resume (True when continuing an existing run, in its directories)."""
 
     def __init__(self, raw: dict, overrides, registry, run_id=None, resume=False, run_root=None):
         self.registry = registry
@@ -146,29 +143,21 @@ class ConfigParser:
         c, t, d = self.config, self.config["trainer"], self.config["data_loader"]
         if not c["name"] or any(ch in c["name"] for ch in "/\\") or c["name"] in (".", ".."):
             raise ConfigError(f"name: {c['name'][:80]!r} must be a non-empty name without path separators")
-        for key, value, low in (("n_gpu", c["n_gpu"], 0), ("trainer.epochs", t["epochs"], 1),
-                                ("trainer.save_period", t["save_period"], 1), ("trainer.log_step", t["log_step"], 1),
-                                ("trainer.early_stop", t["early_stop"], 0), ("trainer.keep_last", t["keep_last"], 0),
-                                ("trainer.save_every_steps", t["save_every_steps"], 0),
-                                ("trainer.accumulate_steps", t["accumulate_steps"], 1),
-                                ("data_loader.batch_size", d["batch_size"], 1),
-                                ("data_loader.num_workers", d["num_workers"], 0)):
-            if value < low:
-                raise ConfigError(f"{key}: must be >= {low}, got {value}")
+        for key, low in MINIMUM.items():
+            if get_path(c, key) < low:
+                raise ConfigError(f"{key}: must be >= {low}, got {get_path(c, key)}")
         for key in ("validation_split", "test_split"):
             if not 0 <= d[key] < 1:
                 raise ConfigError(f"data_loader.{key}: must be in [0, 1), got {d[key]}")
-        if t["len_epoch"] is not None and t["len_epoch"] < 1:
-            raise ConfigError(f"trainer.len_epoch: must be >= 1 or null, got {t['len_epoch']}")
-        if t["amp"] not in (None, "bf16", "fp16"):
-            raise ConfigError(f"trainer.amp: must be \"bf16\", \"fp16\" or null, got {str(t['amp'])[:80]!r}")
-        if t["clip_grad_norm"] is not None and t["clip_grad_norm"] <= 0:
-            raise ConfigError(f"trainer.clip_grad_norm: must be > 0 or null, got {t['clip_grad_norm']}")
+        for key, ok, allowed in (("len_epoch", t["len_epoch"] is None or t["len_epoch"] >= 1, ">= 1 or null"),
+                                 ("amp", t["amp"] in (None, "bf16", "fp16"), '"bf16", "fp16" or null'),
+                                 ("clip_grad_norm", t["clip_grad_norm"] is None or t["clip_grad_norm"] > 0, "> 0 or null"),
+                                 ("verbosity", t["verbosity"] in (0, 1, 2), "0, 1 or 2")):
+            if not ok:
+                raise ConfigError(f"trainer.{key}: must be {allowed}, got {json.dumps(t[key])[:80]}")
         if isinstance(t["compile"], str) and t["compile"] not in torch.compiler.list_backends(exclude_tags=()):
             raise ConfigError(f"trainer.compile: unknown backend {t['compile'][:80]!r}; available: "
                               f"{', '.join(torch.compiler.list_backends(exclude_tags=()))}")
-        if t["verbosity"] not in (0, 1, 2):
-            raise ConfigError(f"trainer.verbosity: must be 0, 1 or 2, got {t['verbosity']}")
         for path in object_paths(c):
             self._check_spec(path)
         names = self.metric_names
@@ -220,11 +209,8 @@ class ConfigParser:
     # ---- building -------------------------------------------------------------------------------
 
     def init_obj(self, path, *args, **kwargs):
-        """Build the spec at `path`: type(*args, **config args, **kwargs).
-
-        Runtime objects (model parameters, the optimizer) come in through args / kwargs and are
-        never merged into the config. A constructor that rejects its arguments is a one-line error.
-        """
+        """Build the spec at `path`: type(*args, **config args, **kwargs). Runtime objects (model
+        parameters, the optimizer) come in through args / kwargs, never through the config."""
         spec = spec_of(get_path(self.config, path))
         overlap = set(kwargs) & set(spec["args"])
         if overlap:
@@ -262,12 +248,9 @@ class ConfigParser:
         return self.save_root / "log" / self.config["name"] / self.run_id
 
     def make_run_dirs(self, reuse=False) -> None:
-        """Create the run's directories and write the resolved config into them.
-
-        A new run claims its directory with an exclusive mkdir; a run id taken by a run started in
-        the same second gets a numeric suffix, and an id given by --run-id that is taken is an error
-        (unless `reuse`: --auto-resume restarting a run that died before its first checkpoint).
-        """
+        """Create the run's directories and write the resolved config there. A new run claims its
+        directory with an exclusive mkdir: an id taken in the same second gets a suffix, a taken
+        --run-id is an error (unless `reuse`: --auto-resume restarting a run with no checkpoint)."""
         try:
             if not self.resume and not reuse:
                 base, n = self.run_id, 0

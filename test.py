@@ -9,14 +9,13 @@ import os
 
 from base import BaseDataLoader
 from base.base_data_loader import make_datasets
-from cli import run_main
 from logger import setup_logging
 from parse_config import ConfigParser
 from train import build_loss_and_metrics
 from trainer import Trainer
 from utils import prepare_device, write_json
 from utils.checkpoint import find_checkpoint, load_checkpoint, load_model_state
-from utils.errors import ConfigError
+from utils.errors import ConfigError, run_main
 from utils.registry import Registry
 
 

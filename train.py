@@ -8,18 +8,17 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 import utils.dist as dist
-from cli import run_main
-from logger import setup_logging
 from base import BaseDataLoader
 from base.base_data_loader import make_datasets
 from base.base_metric import metric_object
+from logger import setup_logging
 from parse_config import ConfigParser, load_config_file
 from trainer import Trainer
 from utils import prepare_device, seed_everything
-from utils.registry import Registry
 from utils.checkpoint import find_checkpoint, latest_checkpoint, load_checkpoint, load_model_state
-from utils.errors import ConfigError, TrainingError, UserError
+from utils.errors import ConfigError, TrainingError, UserError, run_main
 from utils.preemption import Preempted
+from utils.registry import Registry
 
 
 def parse_args(argv=None):
@@ -51,7 +50,7 @@ def parse_args(argv=None):
 # What a resumed run takes from its checkpoint: overriding these would be silently undone (the
 # optimizer's state holds its lr), would move the run's place in the data, or would make it a
 # different run. (data_loader.num_workers may change: it does not change the batches.)
-FIXED_ON_RESUME = ("name", "seed", "arch", "optimizer", "lr_scheduler", "loss", "data_loader",
+FIXED_ON_RESUME = ("name", "seed", "arch", "optimizer", "lr_scheduler", "loss", "metrics", "data_loader",
                    "trainer.monitor", "trainer.len_epoch", "trainer.accumulate_steps")
 
 
@@ -184,11 +183,8 @@ def run(args, config, checkpoint, checkpoint_path, device, logger):
         trainer.train()
     except Preempted as e:
         sys.exit(128 + e.signum)
-    except TrainingError as e:
-        logger.error("error: %s", e)  # one line, on the console and in info.log
-        sys.exit(1)
-    except UserError as e:  # e.g. a dataset's DataError found only while iterating
-        logger.error("error: %s", e)
+    except (TrainingError, UserError) as e:  # e.g. a non-finite loss, or a DataError found while iterating
+        logger.error("error: %s", e)  # one line, also in info.log; run_main prints it and exits
         raise
     except Exception:
         logger.exception("Training failed")  # a bug: keep the traceback in info.log

@@ -1,9 +1,6 @@
-"""The template's data path: the datasets a config names, split, transformed, and batched in an
-order that is a pure function of (seed, epoch).
-
-Because the order depends on nothing else, resuming needs only the epoch and the number of
-batches already taken: no generator state, and no replay of the batches already done.
-"""
+"""The template's data path: the datasets a config names, split, transformed and batched in an order that
+is a pure function of (seed, epoch), so resuming needs only the epoch and the number of batches taken."""
+import itertools
 import math
 import signal
 
@@ -32,8 +29,7 @@ LOADER_DEFAULTS = {
 
 
 class Compose:
-    """Apply transforms in order to a whole sample (torchvision v2 transforms change its images and
-    pass labels through)."""
+    """Apply transforms in order to a whole sample (torchvision v2 transforms pass the labels through)."""
 
     def __init__(self, transforms):
         self.transforms = transforms
@@ -45,9 +41,8 @@ class Compose:
 
 
 class Transformed(Dataset):
-    """`dataset` with `transform` applied to each sample. With a `seed` (training), the loader asks
-    for (epoch, index) and the transform's torch randomness comes from a generator seeded by
-    (seed, epoch, index): the same in a worker or the main process, before or after a resume."""
+    """`dataset` with `transform` applied to each sample. With a `seed` (training) it is indexed by (epoch, index),
+    which seeds the transform's torch randomness: the same in a worker or the main process, resumed or not."""
 
     def __init__(self, dataset, transform, seed=None):
         self.dataset, self.transform, self.seed = dataset, transform, seed
@@ -73,32 +68,25 @@ def split_indices(n, fractions, seed):
     return [part.sort().values for part in order.split([*sizes, n - sum(sizes)])]
 
 
-def _subset(dataset, idx):
-    # In-memory tensors stay a TensorDataset, so they keep the tensor-indexing fast path.
-    return TensorDataset(*(t[idx] for t in dataset.tensors)) if isinstance(dataset, TensorDataset) \
-        else Subset(dataset, idx.tolist())
-
-
 def make_datasets(config) -> dict:
-    """{"train", "valid", "test": Dataset or None}: each the dataset the config names for it, else a
-    seeded fraction of `dataset`; training samples get train_transform (seeded per sample), the
-    others eval_transform."""
+    """{"train", "valid", "test": Dataset or None}: each the dataset the config names for it, else a seeded
+    fraction of `dataset`; training samples get train_transform (seeded per sample), the others eval_transform."""
     cfg = config["data_loader"]
-    own = {"valid": None, "test": None}
-    for phase in own:
+    sets = {"train": None, "valid": None, "test": None}
+    for phase in ("valid", "test"):
         spec = cfg[f"{phase}_dataset"]
         try:
-            own[phase] = config.init_obj(f"data_loader.{phase}_dataset") if spec else None
+            sets[phase] = config.init_obj(f"data_loader.{phase}_dataset") if spec else None
         except DataError:  # e.g. an ImageFolder whose directory is absent
             if not spec.get("optional"):
                 raise
     data = config.init_obj("data_loader.dataset")
-    fractions = [cfg["validation_split"] if own["valid"] is None else 0.0,
-                 cfg["test_split"] if own["test"] is None else 0.0]
-    valid_idx, test_idx, train_idx = split_indices(len(data), fractions, config["seed"])
-    sets = {"train": _subset(data, train_idx),
-            "valid": own["valid"] if own["valid"] is not None else _subset(data, valid_idx),
-            "test": own["test"] if own["test"] is not None else _subset(data, test_idx)}
+    fractions = [0.0 if sets["valid"] is not None else cfg["validation_split"],
+                 0.0 if sets["test"] is not None else cfg["test_split"]]
+    for phase, idx in zip(("valid", "test", "train"), split_indices(len(data), fractions, config["seed"])):
+        if sets[phase] is None:  # in-memory tensors stay a TensorDataset, keeping the tensor-indexing fast path
+            sets[phase] = TensorDataset(*(t[idx] for t in data.tensors)) if isinstance(data, TensorDataset) \
+                else Subset(data, idx.tolist())
     train_tf = [config.init_obj(f"data_loader.train_transform.{i}") for i in range(len(cfg["train_transform"]))]
     eval_tf = [config.init_obj(f"data_loader.eval_transform.{i}") for i in range(len(cfg["eval_transform"]))]
     for phase, transforms in (("train", train_tf), ("valid", eval_tf), ("test", eval_tf)):
@@ -108,14 +96,10 @@ def make_datasets(config) -> dict:
 
 
 class EpochBatchSampler:
-    """Index batches for one epoch: a seeded permutation (or 0..n-1), cut into batches.
-
-    With world_size > 1 each rank takes every world_size-th index of the shared order, as
-    torch's DistributedSampler does, so the ranks' batches together form the batches a single
-    process with world_size times the batch size would see. With even_shards the order is first
-    padded by repeating its start, so every rank has the same number of batches (training needs
-    that: each step is a collective); evaluation leaves it off and counts every sample once.
-    """
+    """Index batches for one epoch: a seeded permutation (or 0..n-1), cut into batches. Under DDP each rank
+    takes every world_size-th index of the shared order, as torch's DistributedSampler does. With even_shards
+    the order is first padded by repeating its start, so every rank has as many batches (training needs that:
+    each step is a collective); evaluation leaves it off and counts every sample once."""
 
     def __init__(self, n, batch_size, shuffle, seed=0, rank=0, world_size=1, even_shards=True):
         if not isinstance(batch_size, int) or batch_size < 1:
@@ -123,8 +107,7 @@ class EpochBatchSampler:
         self.n, self.batch_size, self.shuffle, self.seed = n, batch_size, shuffle, seed
         self.rank, self.world_size = rank, world_size
         self.padded_n = -(-n // world_size) * world_size if even_shards else n
-        self.epoch = 0
-        self.start_batch = 0  # batches of this epoch already done (set when resuming mid-epoch)
+        self.epoch, self.start_batch = 0, 0  # start_batch: batches of this epoch already done (resuming mid-epoch)
         self.keyed = False  # yield (epoch, index) keys, for a dataset that seeds per-sample randomness
 
     def indices(self):
@@ -147,26 +130,20 @@ class EpochBatchSampler:
         indices = self.indices()
         batches = indices.split(self.batch_size)[self.start_batch:] if len(indices) else ()
         # Not reset here: torch's DataLoader may call iter() on its sampler twice per pass.
-        if self.keyed:
-            return iter([[(self.epoch, i) for i in b.tolist()] for b in batches])
-        return iter(batches)
+        return iter([[(self.epoch, i) for i in b.tolist()] for b in batches] if self.keyed else batches)
 
 
 def _ignore_stop_signals(worker_id):
-    """In DataLoader workers: leave SIGINT / SIGTERM to the main process, which finishes the step and
-    saves; a scheduler or Ctrl-C signalling the whole process group must not kill the workers first."""
+    """In DataLoader workers: leave SIGINT / SIGTERM to the main process, which finishes the step and saves;
+    a scheduler or Ctrl-C signalling the whole process group must not kill the workers first."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 class BaseDataLoader:
-    """Iterates batches of `dataset` in the order of an EpochBatchSampler.
-
-    A TensorDataset with 0 workers is batched by tensor indexing (no per-sample collation); any
-    other dataset goes through torch's DataLoader with `num_workers` worker processes.
-    Call set_epoch(epoch) before each pass to get that epoch's order. Under torchrun each process
-    iterates its own shard (see EpochBatchSampler); `even_shards=False` is for evaluation loaders.
-    """
+    """Iterates batches of `dataset` in the order of an EpochBatchSampler (each process its own shard under
+    torchrun; `even_shards=False` for evaluation). A TensorDataset with 0 workers is batched by tensor
+    indexing; any other dataset goes through torch's DataLoader with `num_workers` worker processes."""
 
     def __init__(self, dataset: Dataset, batch_size: int, shuffle: bool = False, num_workers: int = 0,
                  seed: int = 0, even_shards: bool = True):
@@ -174,8 +151,7 @@ class BaseDataLoader:
         self.sampler = EpochBatchSampler(len(dataset), batch_size, shuffle, seed, rank=dist.rank(),
                                          world_size=dist.world_size(), even_shards=even_shards)
         self.sampler.keyed = isinstance(dataset, Transformed) and dataset.seed is not None
-        # Pinned host memory only pays off when batches are copied to a GPU.
-        self.pin_memory = torch.cuda.is_available()
+        self.pin_memory = torch.cuda.is_available()  # pinned host memory only pays off when copying to a GPU
         self._loader = None
         if not isinstance(dataset, TensorDataset) or num_workers > 0:
             # Its own generator: worker seeds must not draw from (and so shift) the global RNG,
@@ -187,16 +163,24 @@ class BaseDataLoader:
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         """Use `epoch`'s order on the next pass, beginning after its first `start_batch` batches."""
-        self.sampler.epoch = epoch
-        self.sampler.start_batch = start_batch
+        self.sampler.epoch, self.sampler.start_batch = epoch, start_batch
 
     def __len__(self):
         return len(self.sampler)
 
+    def stream(self, start):
+        """(batch, samples in it that are not DDP padding) from global batch number `start` on, pass after
+        pass over the data. Pass p uses epoch p's order, so where a batch comes from depends only on its
+        number: an iteration-based epoch can end mid-pass."""
+        passes, position = divmod(start, len(self))
+        for p in itertools.count(passes):
+            self.set_epoch(p, start_batch=position)
+            for position, batch in enumerate(self, start=position):
+                yield batch, self.sampler.n_real(position)
+            position = 0
+
     def __iter__(self):
-        if self._loader is not None:
-            return iter(self._loader)
-        return self._iter_tensors()
+        return iter(self._loader) if self._loader is not None else self._iter_tensors()
 
     def _iter_tensors(self):
         for idx in self.sampler:

@@ -1,9 +1,7 @@
-"""Dataset-level metrics: accumulate per batch, compute once per epoch.
-
-A Metric keeps its state as one tensor of sums (`self.sums`): sums add up over batches in any order
-and over processes, so the result does not depend on the batch size, the engine can all_reduce
-them under torchrun, and a mid-epoch checkpoint can store them. update() stays on the device.
-"""
+"""Dataset-level metrics: accumulate per batch, compute once per epoch. A Metric's state is one tensor of
+sums (`self.sums`), which add up over batches and processes: the result does not depend on the batch size,
+the engine can all_reduce them under torchrun, a mid-epoch checkpoint can store them. update() stays on the device."""
+import math
 import re
 
 import torch
@@ -15,8 +13,7 @@ from utils.util import tree_map
 class Metric:
     """Subclass and implement batch_sums(output, target) -> tensor and compute_from(sums) -> float."""
 
-    def __init__(self):
-        self.sums = None
+    sums = None  # until the first update()
 
     def reset(self):
         self.sums = None
@@ -33,12 +30,10 @@ class BatchMean(Metric):
     """A function (output, target) -> batch-mean tensor, weighted by the batch size."""
 
     def __init__(self, fn):
-        super().__init__()
         self.fn = fn
 
     def batch_sums(self, output, target):
-        value = torch.as_tensor(self.fn(output, target)).detach().float()
-        n = batch_size(target)
+        value, n = torch.as_tensor(self.fn(output, target)).detach().float(), batch_size(target)
         return torch.stack([value * n, torch.full_like(value, n)])
 
     def compute_from(self, sums):
@@ -51,9 +46,8 @@ def snake_case(name: str) -> str:
 
 
 class MetricTracker:
-    """The loss and the metrics of one phase (training or validation): update per batch, compute
-    per epoch. Objects with update/compute/reset that are not Metrics (e.g. torchmetrics) work too;
-    they sync across processes themselves."""
+    """The loss and the metrics of one phase (training or validation): update per batch, compute per epoch.
+    Objects with update/compute/reset that are not Metrics (e.g. torchmetrics) work too; they sync themselves."""
 
     def __init__(self, metrics: dict):
         self.metrics = {"loss": BatchMean(lambda loss, target: loss), **metrics}
@@ -68,23 +62,22 @@ class MetricTracker:
             if n_real == 0:
                 return
         with torch.no_grad():
-            self.metrics["loss"].update(loss.detach(), target)
+            output = output.detach() if torch.is_tensor(output) else output
             for name, m in self.metrics.items():
-                if name != "loss":
-                    m.update(output.detach() if torch.is_tensor(output) else output, target)
+                m.update(loss.detach() if name == "loss" else output, target)
 
     def compute(self, device) -> dict:
         """Every value; under torchrun over the samples of all processes (one collective)."""
         own = [m for m in self.metrics.values() if isinstance(m, Metric)]
         if dist.is_distributed() and own:
-            # A process that saw no batch contributes zeros (of the size the others agree on).
-            sizes = dist.all_reduce(torch.tensor([0 if m.sums is None else m.sums.numel() for m in own],
-                                                 device=device), op="max").tolist()
-            flat = dist.all_reduce(torch.cat([torch.zeros(s, device=device, dtype=torch.float64) if m.sums is None
-                                              else m.sums.to(device, torch.float64).flatten()
-                                              for m, s in zip(own, sizes)]))
-            for m, part in zip(own, flat.split(sizes)):
-                m.sums = part if m.sums is None else part.view(m.sums.shape)
+            # A process that saw no batch contributes zeros, shaped like the others' sums.
+            every = dist.gather_objects([None if m.sums is None else tuple(m.sums.shape) for m in own])
+            shapes = [next((s[i] for s in every if s[i] is not None), ()) for i in range(len(own))]
+            flat = dist.all_reduce(torch.cat([torch.zeros(shape, device=device, dtype=torch.float64).flatten()
+                                              if m.sums is None else m.sums.to(device, torch.float64).flatten()
+                                              for m, shape in zip(own, shapes)]))
+            for m, part, shape in zip(own, flat.split([math.prod(s) for s in shapes]), shapes):
+                m.sums = part.view(shape)
         return {name: float(m.compute()) for name, m in self.metrics.items()}
 
     def state_dict(self) -> dict:
@@ -105,6 +98,5 @@ def batch_size(x) -> int:
 
 
 def metric_object(metric):
-    """A metric as the tracker uses it: an object with update/compute/reset as it is, a function
-    (output, target) -> batch mean wrapped in BatchMean."""
+    """An object with update/compute/reset as it is; a function (output, target) -> batch mean in a BatchMean."""
     return metric if all(hasattr(metric, a) for a in ("update", "compute", "reset")) else BatchMean(metric)

@@ -1,9 +1,6 @@
-"""BaseTrainer: the engine around the user's step (trainer/trainer.py).
-
-It runs the epochs: AMP, gradient accumulation, DDP no_sync, clipping, the optimizer and scheduler,
-metrics, progress, per-epoch outputs, early stopping and checkpoints. Everything a checkpoint
-restores goes through state_dict() / load_state_dict(), here and nowhere else.
-"""
+"""BaseTrainer: the engine around the user's step (trainer/trainer.py): epochs, AMP, gradient
+accumulation, DDP no_sync, clipping, optimizer and scheduler, metrics, progress, outputs, early
+stopping, checkpoints. All a checkpoint restores goes through state_dict() / load_state_dict()."""
 import contextlib
 import itertools
 import logging
@@ -15,7 +12,7 @@ import torch
 
 import utils.dist as dist
 from base.base_metric import MetricTracker, batch_size
-from logger import RunOutputs, progress_bar
+from logger import RunOutputs, image_batch, progress_bar
 from utils.checkpoint import load_model_state, position_of, save_checkpoint, supersede_after
 from utils.errors import CheckpointError, ConfigError, TrainingError
 from utils.preemption import Preempted, StopRequest
@@ -48,19 +45,10 @@ TRAINER_DEFAULTS = {
 }
 
 
-def image_batch(batch):
-    """The batch's first tensor if it holds images (N, C, H, W with C in 1, 3, 4), else None."""
-    first = next(iter(batch.values() if isinstance(batch, dict) else batch), None) \
-        if isinstance(batch, (dict, list, tuple)) else batch
-    return first if torch.is_tensor(first) and first.dim() == 4 and first.shape[1] in (1, 3, 4) else None
-
-
 class BaseTrainer:
     """Trains `model` on `data_loader`, validating on `valid_data_loader` (optional) each epoch.
-
-    metrics: {name: Metric or object with update/compute/reset}. config: the run's ConfigParser.
-    Subclasses implement step(batch) -> (loss, output, target).
-    """
+    metrics: {name: Metric or object with update/compute/reset}; config: the run's ConfigParser.
+    Subclasses implement step(batch) -> (loss, output, target)."""
 
     def __init__(self, model, criterion, metrics, optimizer, config, device, data_loader=None,
                  valid_data_loader=None, lr_scheduler=None):
@@ -68,8 +56,7 @@ class BaseTrainer:
         self.config, self.device = config, device
         self.data_loader, self.valid_data_loader = data_loader, valid_data_loader
         self.logger = logging.getLogger("trainer")
-        cfg = config["trainer"]
-        self.cfg = cfg
+        self.cfg = cfg = config["trainer"]
         # One tracker for both phases: training's values are computed before validation resets it.
         self.metrics = MetricTracker(metrics)
         self.mnt_mode, self.mnt_metric = config.monitor
@@ -79,25 +66,20 @@ class BaseTrainer:
         self.autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
         # Loss scaling only for fp16; disabled, the scaler passes calls straight through.
         self.scaler = torch.amp.GradScaler(device.type, enabled=cfg["amp"] == "fp16")
-        self.accumulate_steps = cfg["accumulate_steps"]
         # len_epoch counts optimizer steps, each of accumulate_steps batches; without it an epoch
         # is one pass over the data, its last step taking whatever batches remain.
-        self.batches_per_epoch = cfg["len_epoch"] * self.accumulate_steps if cfg["len_epoch"] else \
-            len(data_loader) if data_loader is not None else 0
+        self.batches_per_epoch = cfg["len_epoch"] * cfg["accumulate_steps"] if cfg["len_epoch"] else \
+            len(data_loader or ())
         self.distributed = dist.is_distributed()
         self.stop_request = StopRequest()
         self.outputs = self.images = None
-        # Run state: all of it goes into state_dict() and so into every checkpoint.
-        self.epoch = 0  # last finished epoch
-        self.global_step = 0  # optimizer steps taken
-        self.batches_done = 0  # batches of epoch + 1 done (non-zero only mid-epoch)
-        self.mnt_best = math.inf if self.mnt_mode == "min" else -math.inf
-        self.not_improved_count = 0
+        # Run state (all of it in state_dict()): last finished epoch, optimizer steps taken, batches of
+        # epoch + 1 done (non-zero only mid-epoch), the monitor's best and its early-stop counter.
+        self.epoch = self.global_step = self.batches_done = 0
+        self.mnt_best, self.not_improved_count = (math.inf if self.mnt_mode == "min" else -math.inf), 0
 
     def step(self, batch):
         raise NotImplementedError
-
-    # ---- run state ------------------------------------------------------------------------------
 
     def state_dict(self) -> dict:
         """The whole run state as plain data (a checkpoint): every process must call it under torchrun."""
@@ -142,14 +124,9 @@ class BaseTrainer:
                                 path, len(checkpoint["rng"]), dist.world_size())
         self.logger.info("Resumed from %s: epoch %d, step %d.", path, self.epoch, self.global_step)
 
-    # ---- the epoch loop -------------------------------------------------------------------------
-
     def train(self):
-        """Train to the configured number of epochs, writing logs, metrics.csv and checkpoints.
-
-        Raises Preempted after saving the exact position when SIGTERM / SIGINT arrives, and
-        TrainingError (saving nothing) when the loss stops being finite.
-        """
+        """Train to the configured epochs, writing logs, metrics.csv and checkpoints. Raises Preempted
+        after saving the exact position on SIGTERM / SIGINT, TrainingError on a non-finite loss."""
         if dist.is_main_process():  # only rank 0 writes
             if self.config.resume:  # forget what was logged and saved after the resumed checkpoint
                 for moved in supersede_after(self.config.save_dir, self.resumed_at):
@@ -179,10 +156,8 @@ class BaseTrainer:
                 log.update(("val_" + k, v) for k, v in self.evaluate(self.valid_data_loader, f"Epoch {epoch} valid").items())
             log["lr"] = self.optimizer.param_groups[0]["lr"]
             if self.lr_scheduler is not None and self.config["lr_scheduler"]["interval"] == "epoch":
-                if isinstance(self.lr_scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-                    self.lr_scheduler.step(log[self.mnt_metric])
-                else:
-                    self.lr_scheduler.step()
+                plateau = isinstance(self.lr_scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
+                self.lr_scheduler.step(*[log[self.mnt_metric]] * plateau)
             log["epoch_seconds"] = time.perf_counter() - start
             log["samples_per_second"] = n_samples * dist.world_size() / train_seconds  # all processes
             self.epoch = epoch
@@ -201,17 +176,6 @@ class BaseTrainer:
             if preempted:
                 self._preempted(path)
 
-    def _batch_stream(self, start):
-        """(batch, samples in it that are not DDP padding) from global batch number `start` on, pass
-        after pass over the data. Pass p uses the loader's order for epoch p, so where a batch comes
-        from depends only on its number: an iteration-based epoch can end mid-pass."""
-        passes, position = divmod(start, len(self.data_loader))
-        for p in itertools.count(passes):
-            self.data_loader.set_epoch(p, start_batch=position)
-            for position, batch in enumerate(self.data_loader, start=position):
-                yield batch, self.data_loader.sampler.n_real(position)
-            position = 0
-
     def _train_epoch(self, epoch, max_batches=None):
         """Train one epoch (the rest of it, when resumed mid-epoch): its averages, samples trained."""
         self.model.train()
@@ -220,12 +184,12 @@ class BaseTrainer:
         if not done:
             self.metrics.reset()
         self.images, n_samples = None, 0
-        batches = itertools.islice(self._batch_stream((epoch - 1) * self.batches_per_epoch + done), n - done)
+        batches = itertools.islice(self.data_loader.stream((epoch - 1) * self.batches_per_epoch + done), n - done)
         bar = progress_bar(total=n, initial=done, desc=f"Epoch {epoch} train")
         for i, (batch, n_real) in enumerate(batches, start=done):
             batch = tree_map(lambda t: t.to(self.device, non_blocking=True), batch)
-            window_start = i - i % self.accumulate_steps
-            window = min(self.accumulate_steps, n - window_start)  # the epoch's last may be short
+            window_start = i - i % self.cfg["accumulate_steps"]
+            window = min(self.cfg["accumulate_steps"], n - window_start)  # the epoch's last may be short
             last_in_window = i + 1 == window_start + window
             if i == window_start:  # a new optimizer step begins
                 self.optimizer.zero_grad(set_to_none=True)
@@ -258,24 +222,22 @@ class BaseTrainer:
         self.global_step += 1
 
     def _after_step(self, epoch, n_batches, loss, bar):
-        """Every log_step steps: progress and a finite-loss check. A mid-epoch checkpoint when one
-        is due, or when a signal asked to stop (then raise Preempted)."""
-        if (self.global_step - 1) % self.cfg["log_step"] == 0:
-            # note: a host-device sync point; it runs only every log_step steps
+        """Progress and a finite-loss check every log_step steps; a mid-epoch checkpoint when due or asked by a signal."""
+        log_now = (self.global_step - 1) % self.cfg["log_step"] == 0
+        if log_now:  # note: a host-device sync point, so only every log_step steps
             sums = self.metrics.metrics["loss"].sums
-            step_loss, running = torch.stack([loss.detach().float().cpu(), (sums[0] / sums[1]).cpu()]).tolist()
+            step_loss, running = torch.stack([loss.detach().float(), sums[0] / sums[1]]).tolist()
             if not math.isfinite(running):  # the running mean covers every step of the epoch so far
                 raise TrainingError(f"non-finite training loss in epoch {epoch}, at or before step {self.global_step} "
                                     f"(checked every trainer.log_step={self.cfg['log_step']} steps); no checkpoint "
                                     "of these weights was written")
             bar.set_postfix_str(f"loss={running:.4f}", refresh=False)
             self.logger.debug("Train epoch %d [%d/%d] loss: %.6f", epoch, self.batches_done, n_batches, step_loss)
-            if self.outputs is not None and self.outputs.writer is not None:
-                self.outputs.writer.add_scalars("train_step", {"loss": step_loss}, self.global_step)
-        # Under torchrun the processes must stop at the same step: they agree every log_step steps.
-        stop = self.stop_request.signum is not None if not self.distributed else \
-            (self.global_step - 1) % self.cfg["log_step"] == 0 and dist.any_process(self.stop_request.signum is not None,
-                                                                                    self.device)
+            if self.outputs is not None:
+                self.outputs.write_step({"loss": step_loss}, self.global_step)
+        stop = self.stop_request.signum is not None
+        if self.distributed:  # the processes must stop at the same step: they agree every log_step steps
+            stop = log_now and dist.any_process(stop, self.device)
         every = self.cfg["save_every_steps"]
         if stop or (every and self.global_step % every == 0 and self.batches_done < n_batches):
             path = self._save_checkpoint(periodic=True, best=False)
@@ -285,14 +247,13 @@ class BaseTrainer:
     def evaluate(self, loader, desc="valid", max_batches=None) -> dict:
         """Loss and metrics over `loader` (over all processes under torchrun), under the training's autocast."""
         self.model.eval()
-        tracker = self.metrics
-        tracker.reset()
+        self.metrics.reset()
         with torch.no_grad():
             for batch in progress_bar(itertools.islice(loader, max_batches), total=max_batches or len(loader), desc=desc):
                 with self.autocast():
                     loss, output, target = self.step(tree_map(lambda t: t.to(self.device, non_blocking=True), batch))
-                tracker.update(loss, output, target)
-        return tracker.compute(self.device)
+                self.metrics.update(loss, output, target)
+        return self.metrics.compute(self.device)
 
     def dry_run(self, batches=2):
         """Train `batches` batches and validate on `batches` batches; write nothing."""
@@ -301,10 +262,8 @@ class BaseTrainer:
         log, _ = self._train_epoch(self.epoch + 1, max_batches=batches)
         self.logger.info("dry run: %d training batches: %s", batches, log)
         if self.valid_data_loader is not None:
-            valid = self.evaluate(self.valid_data_loader, max_batches=batches)
-            self.logger.info("dry run: %d validation batches: %s", batches, valid)
-
-    # ---- monitoring, outputs, checkpoints -------------------------------------------------------
+            self.logger.info("dry run: %d validation batches: %s", batches,
+                             self.evaluate(self.valid_data_loader, max_batches=batches))
 
     def _stopped_early(self) -> bool:
         return self.cfg["early_stop"] > 0 and self.not_improved_count >= self.cfg["early_stop"]
@@ -315,10 +274,7 @@ class BaseTrainer:
             return False
         value = log[self.mnt_metric]
         improved = value < self.mnt_best if self.mnt_mode == "min" else value > self.mnt_best
-        if improved:
-            self.mnt_best, self.not_improved_count = value, 0
-        else:
-            self.not_improved_count += 1
+        self.mnt_best, self.not_improved_count = (value, 0) if improved else (self.mnt_best, self.not_improved_count + 1)
         return improved
 
     def _save_checkpoint(self, periodic: bool, best: bool):

@@ -1,6 +1,5 @@
-"""Datasets the config can name (data_loader.dataset.type). Any torch.utils.data.Dataset defined in
-a file of this package works: it returns one sample per index; the template splits, shuffles,
-batches and transforms it."""
+"""Datasets the config can name (data_loader.dataset.type): any torch.utils.data.Dataset defined in a file of
+this package, returning one sample per index; the template splits, shuffles, batches and transforms it."""
 import gzip
 from pathlib import Path
 
@@ -17,7 +16,8 @@ class DigitsDataset(TensorDataset):
     def __init__(self, root="data/"):
         path = Path(root) / "digits.csv.gz"
         if not path.is_file():
-            raise DataError(f"data_loader.dataset.args.root: {path} not found (the digits file ships in the repo's data/)")
+            raise DataError(f"data_loader.dataset.args.root: {path} not found "
+                            "(the digits file ships in the repo's data/)")
         with gzip.open(path, "rt") as f:
             table = np.loadtxt(f, delimiter=",", dtype=np.float32)
         images = torch.from_numpy(table[:, :64]).reshape(-1, 1, 8, 8) / 16.0

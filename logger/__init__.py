@@ -1,2 +1,2 @@
 from logger.logger import progress_bar, setup_logging
-from logger.visualization import MetricsCSV, RunOutputs, TensorboardWriter
+from logger.visualization import MetricsCSV, RunOutputs, TensorboardWriter, image_batch

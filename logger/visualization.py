@@ -3,7 +3,16 @@ import csv
 import io
 from pathlib import Path
 
+import torch
+
 from utils.util import atomic_write_text
+
+
+def image_batch(batch):
+    """The batch's first tensor if it holds images (N, C, H, W with C in 1, 3, 4), else None."""
+    first = next(iter(batch.values() if isinstance(batch, dict) else batch), None) \
+        if isinstance(batch, (dict, list, tuple)) else batch
+    return first if torch.is_tensor(first) and first.dim() == 4 and first.shape[1] in (1, 3, 4) else None
 
 
 class TensorboardWriter:
@@ -21,8 +30,7 @@ class TensorboardWriter:
     def add_images(self, tag, images, step: int):
         """A grid of the first 16 images of a NCHW batch, each scaled to [0, 1]."""
         images = images[:16].detach().float().cpu()
-        low = images.amin(dim=(1, 2, 3), keepdim=True)
-        high = images.amax(dim=(1, 2, 3), keepdim=True)
+        low, high = images.amin(dim=(1, 2, 3), keepdim=True), images.amax(dim=(1, 2, 3), keepdim=True)
         self.writer.add_images(tag, (images - low) / (high - low).clamp_min(1e-8), step)
 
     def close(self):
@@ -30,10 +38,9 @@ class TensorboardWriter:
 
 
 class MetricsCSV:
-    """metrics.csv: one row per epoch, appended after the epoch and before its checkpoint. A resumed
-    run first rewrites the file atomically without the rows after its checkpoint's epoch, which also
-    drops a row a crash may have cut short. (Rows are flushed, not fsync'ed: a power cut may lose
-    the last ones; the checkpoints, which are fsync'ed, are what a resume relies on.)"""
+    """metrics.csv: one row per epoch, appended after the epoch and before its checkpoint. A resumed run first
+    rewrites it atomically without the rows after its checkpoint's epoch, which also drops a row a crash cut
+    short. (Rows are not fsync'ed: a power cut may lose the last ones; a resume relies on the checkpoints.)"""
 
     def __init__(self, path):
         self.path = Path(path)
@@ -45,23 +52,18 @@ class MetricsCSV:
             return list(csv.DictReader(f))
 
     def truncate(self, last_epoch: int):
-        rows = [r for r in self.rows() if int(r["epoch"]) <= last_epoch]
-        self._write(rows)
+        self._write([r for r in self.rows() if int(r["epoch"]) <= last_epoch])
 
     def append(self, row: dict):
-        if not self.path.is_file() or self._header() != list(row):
-            return self._write(self.rows() + [row])  # new file, or new columns: rewrite it whole
+        rows = self.rows()
+        if not rows or list(rows[0]) != list(row):
+            return self._write(rows + [row])  # new file, or new columns: rewrite it whole
         with open(self.path, "a", newline="") as f:
             csv.DictWriter(f, fieldnames=list(row), lineterminator="\n").writerow(row)
 
-    def _header(self):
-        with open(self.path, newline="") as f:
-            return next(csv.reader(f), [])
-
     def _write(self, rows):
-        fields = list(dict.fromkeys(k for r in rows for k in r))
         out = io.StringIO()
-        writer = csv.DictWriter(out, fieldnames=fields, lineterminator="\n")
+        writer = csv.DictWriter(out, fieldnames=list(dict.fromkeys(k for r in rows for k in r)), lineterminator="\n")
         writer.writeheader()
         writer.writerows(rows)
         atomic_write_text(out.getvalue(), self.path)
@@ -83,6 +85,10 @@ class RunOutputs:
             self.writer.add_scalars("valid", {k[4:]: v for k, v in log.items() if k[:4] == "val_"}, step)
             if images is not None:
                 self.writer.add_images("train/input", images, step)
+
+    def write_step(self, values: dict, step: int):
+        if self.writer is not None:
+            self.writer.add_scalars("train_step", values, step)
 
     def close(self):
         if self.writer is not None:

@@ -1,10 +1,6 @@
-"""Metrics named in `metrics` in the config.
-
-Two forms. A function (output, target) -> tensor is a batch mean (accuracy, a mean error); it is
-weighted by the batch size, which is exact for per-sample means. A metric that is not a mean of
-per-sample values (F1, AUC) subclasses Metric: batch_sums() returns sums that add up over batches,
-compute_from() turns the epoch's sums into the value, so it is exact at any batch size and order.
-"""
+"""Metrics named in `metrics` in the config. A function (output, target) -> tensor is a batch mean, weighted
+by the batch size (exact for per-sample means). A metric that is not one (F1, AUC) subclasses Metric:
+batch_sums() returns sums that add up over batches, compute_from() turns the epoch's sums into the value."""
 import torch
 
 from base.base_metric import Metric

@@ -89,7 +89,7 @@ def call_main(main, argv):
 
 def main_error(main, argv, capsys):
     """Run main through cli.run_main as the scripts do; return (exit status, stderr) of a user error."""
-    from cli import run_main
+    from utils.errors import run_main
     capsys.readouterr()
     try:
         with pytest.raises(SystemExit) as exc:

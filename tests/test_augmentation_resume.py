@@ -5,8 +5,10 @@ The runs are configs/image_folder.json on a tiny image folder, with torchvision'
 mobilenet_v3_small (batch norm and dropout, like the ResNet18 of the config, at an eighth of the
 checkpoint size) on 32 px crops, run in this process: a few seconds for all of them."""
 import contextlib
+import gc
 import io
 import shutil
+import traceback
 from pathlib import Path
 
 import numpy as np
@@ -43,11 +45,18 @@ def make_image_folder(root, counts=(("train", 9), ("val", 2), ("test", 1)), clas
 
 def run_train(*argv) -> str:
     """train.py's main in this process (the scripts' code path without the interpreter start-up);
-    its console output. A failure raises (SystemExit for a user error)."""
+    its console output. A failure fails the test only after the failed run's objects are freed:
+    DataLoader workers kept alive by a traceback would block the interpreter's exit."""
     import train as train_script
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        call_main(train_script.main, [str(a) for a in argv])
+    out, failure = io.StringIO(), None
+    try:
+        with contextlib.redirect_stdout(out):
+            call_main(train_script.main, [str(a) for a in argv])
+    except BaseException as e:  # noqa: B902 (SystemExit too)
+        failure = "".join(traceback.format_exception(e))
+    if failure:
+        gc.collect()
+        pytest.fail(f"train.py {' '.join(map(str, argv))} failed:\n{out.getvalue()}\n{failure}")
     return out.getvalue()
 
 
@@ -138,21 +147,20 @@ def test_worker_and_main_process_draw_the_same_crops(images):
     from base.base_data_loader import make_datasets
 
     train = make_datasets(image_config(images))["train"]
-    batches = {}
-    for workers in (0, 2):
+
+    def epoch_batches(workers, start_batch=0):
+        """(batches, sample keys) of epoch 1; the loader and its workers are gone on return."""
         loader = BaseDataLoader(train, batch_size=8, shuffle=True, num_workers=workers, seed=1)
-        assert loader.sampler.keyed
-        loader.set_epoch(1)
-        batches[workers] = list(loader)
-        loader.set_epoch(1)
-        keys = list(loader.sampler)
-    assert len(batches[2]) == 4
-    for (x0, y0), (x2, y2), key in zip(batches[0], batches[2], keys):
+        assert loader.sampler.keyed  # it asks the dataset for (epoch, index)
+        loader.set_epoch(1, start_batch)
+        return list(loader), list(loader.sampler)
+
+    (main, keys), (workers, _) = epoch_batches(0), epoch_batches(2)
+    assert len(workers) == 4
+    for (x0, y0), (x2, y2), key in zip(main, workers, keys):
         assert torch.equal(x0, x2) and torch.equal(y0, y2)
         by_hand = torch.stack([train[k][0] for k in key])  # the main process, sample by sample
         assert torch.equal(x2, by_hand)
     # resuming mid-epoch: the rest of the epoch is the same batches
-    loader = BaseDataLoader(train, batch_size=8, shuffle=True, num_workers=2, seed=1)
-    loader.set_epoch(1, start_batch=2)
-    rest = list(loader)
-    assert len(rest) == 2 and all(torch.equal(a[0], b[0]) for a, b in zip(rest, batches[0][2:]))
+    rest, _ = epoch_batches(2, start_batch=2)
+    assert len(rest) == 2 and all(torch.equal(a[0], b[0]) for a, b in zip(rest, main[2:]))

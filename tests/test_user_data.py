@@ -5,6 +5,7 @@ import contextlib
 import io
 import json
 import re
+import subprocess
 import textwrap
 from pathlib import Path
 
@@ -68,6 +69,27 @@ class MLP(BaseModel):
         return self.net(x)
 '''
 
+CRASHING_MODEL = '''
+import torch.nn as nn
+
+from base import BaseModel
+
+
+class CrashingMLP(BaseModel):
+    """A model with a bug that shows on its third batch."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(20, 3)
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        if self.calls == 3:
+            raise RuntimeError("a bug in forward")
+        return self.fc(x)
+'''
+
 DICT_DATA = '''
 import torch
 from torch.utils.data import Dataset
@@ -123,9 +145,9 @@ def new_project(path, files: dict) -> Path:
     return path
 
 
-def run_in(project, script, *args):
+def run_in(project, script, *args, timeout=300):
     """`python <project>/<script> args...` with the project as working directory."""
-    return run_script(project / script, *args, cwd=project)
+    return run_script(project / script, *args, cwd=project, timeout=timeout)
 
 
 def write_config(project, name, config):
@@ -136,7 +158,8 @@ def write_config(project, name, config):
 @pytest.fixture(scope="module")
 def tabular(tmp_path_factory):
     base = tmp_path_factory.mktemp("tabular")
-    return new_project(base / "proj", {"data_loader/tabular.py": TABULAR_DATA, "model/mlp.py": MLP})
+    return new_project(base / "proj", {"data_loader/tabular.py": TABULAR_DATA, "model/mlp.py": MLP,
+                                       "model/crashing.py": CRASHING_MODEL})
 
 
 @pytest.fixture(scope="module")
@@ -241,6 +264,23 @@ def test_library_debug_logs_stay_off_the_console(tabular, tmp_path):
     assert "WARN-SHOWN from a library" in out
     assert "Train epoch 1 [1/" in result.stdout  # the template's DEBUG line, at verbosity 2
     assert not (tmp_path / "unused").exists()  # a dry run writes nothing
+
+
+def test_a_bug_in_the_users_model_with_workers_exits_with_its_traceback(tabular, tmp_path):
+    """An exception in the user's code mid-epoch, with DataLoader workers running: train.py prints
+    the traceback and exits; it must not hang on its workers at exit (a batch job would sit idle
+    until its time limit)."""
+    config = tabular_config(tmp_path / "saved", arch={"type": "CrashingMLP", "args": {}})
+    config["data_loader"]["num_workers"] = 2
+    config["trainer"]["tensorboard"] = False
+    name = write_config(tabular, "crashing.json", config)
+    try:
+        result = run_in(tabular, "train.py", "-c", name, timeout=45)  # it fails within seconds
+    except subprocess.TimeoutExpired:
+        pytest.fail("train.py was still running 45 s after an exception in training with num_workers=2")
+    assert result.returncode == 1, result.stderr
+    assert "RuntimeError: a bug in forward" in result.stderr
+    assert "Training failed" in result.stdout + result.stderr
 
 
 def test_dict_samples_with_the_users_own_step(tmp_path):

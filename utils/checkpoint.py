@@ -1,8 +1,5 @@
-"""Checkpoint files: find, load safely, check against a model, serialize.
-
-A checkpoint is plain data (tensors, numbers, strings, lists, dicts), so it loads with
-torch.load(weights_only=True), which never runs code from the file.
-"""
+"""Checkpoint files: find, load safely, check against a model, serialize. A checkpoint is plain data (tensors,
+numbers, strings, lists, dicts), so it loads with torch.load(weights_only=True), which never runs code from the file."""
 import io
 import pickle
 import re
@@ -19,21 +16,15 @@ CHECKPOINT_KEYS = {"arch", "epoch", "run_id", "model", "optimizer", "lr_schedule
 _NAME = re.compile(r"checkpoint-epoch(\d+)(?:-step(\d+))?\.pth$")
 
 
-def checkpoint_name(epoch: int, step=None) -> str:
-    return f"checkpoint-epoch{epoch}.pth" if step is None else f"checkpoint-epoch{epoch}-step{step}.pth"
-
-
 def _position(path: Path):
-    m = _NAME.match(path.name)
-    # A finished epoch N comes after every step inside epoch N.
+    m = _NAME.match(path.name)  # a finished epoch N comes after every step inside epoch N
     return (int(m.group(1)), 1 if m.group(2) is None else 0, int(m.group(2) or 0))
 
 
 def position_of(checkpoint: dict):
     """Where in training a loaded checkpoint stands, comparable with the file names' positions."""
-    if checkpoint["trainer"].get("batches_done"):
-        return (checkpoint["epoch"], 0, checkpoint["trainer"]["global_step"])
-    return (checkpoint["epoch"], 1, 0)
+    mid_epoch = checkpoint["trainer"].get("batches_done")
+    return (checkpoint["epoch"], 0, checkpoint["trainer"]["global_step"]) if mid_epoch else (checkpoint["epoch"], 1, 0)
 
 
 def supersede_after(run_dir, position) -> list:
@@ -42,9 +33,8 @@ def supersede_after(run_dir, position) -> list:
     for stale in Path(run_dir).glob(".*.tmp"):  # a save cut short by a crash
         stale.unlink()
     later = [p for p in list_checkpoints(run_dir) if _position(p) > position]
-    if later:
-        (Path(run_dir) / "superseded").mkdir(exist_ok=True)
     for path in later:
+        (Path(run_dir) / "superseded").mkdir(exist_ok=True)
         path.replace(Path(run_dir) / "superseded" / path.name)
     return later
 
@@ -72,9 +62,7 @@ def latest_checkpoint(runs_dir, run_id=None):
     recently saved to, under `runs_dir` (<save_dir>/models/<name>); (None, None) when there is none."""
     dirs = [Path(runs_dir) / run_id] if run_id else [d for d in Path(runs_dir).glob("*") if d.is_dir()]
     runs = [found for found in map(list_checkpoints, dirs) if found]
-    if not runs:
-        return None, None
-    newest_run = max(runs, key=lambda found: max(p.stat().st_mtime_ns for p in found))
+    newest_run = max(runs, key=lambda found: max(p.stat().st_mtime_ns for p in found), default=[])
     for path in reversed(newest_run):
         try:
             return path, load_checkpoint(path)
@@ -96,20 +84,18 @@ def load_checkpoint(path) -> dict:
         raise CheckpointError(f"{path}: refused to load: it holds objects other than plain data, which could "
                               f"run code; nothing was executed ({what[:200]})") from None
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as e:
-        raise CheckpointError(f"{path}: not a readable checkpoint (truncated or corrupt?): "
-                              f"{str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__}") from None
-    if not isinstance(checkpoint, dict) or not CHECKPOINT_KEYS <= set(checkpoint):
-        missing = sorted(CHECKPOINT_KEYS - set(checkpoint)) if isinstance(checkpoint, dict) else sorted(CHECKPOINT_KEYS)
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path}: not a readable checkpoint (truncated or corrupt?): {first}") from None
+    missing = sorted(CHECKPOINT_KEYS - set(checkpoint if isinstance(checkpoint, dict) else ()))
+    if missing:
         raise CheckpointError(f"{path}: not a checkpoint of this template (missing {', '.join(missing)})")
     return checkpoint
 
 
 def load_model_state(model, checkpoint, path) -> None:
     """Load the checkpoint's weights into `model` (a bare module), strictly, or explain the mismatch."""
-    state = checkpoint["model"]
-    own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
+    state, own = checkpoint["model"], model.state_dict()
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
     shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
               for k in sorted(set(own) & set(state)) if state[k].shape != own[k].shape]
     if missing or unexpected or shapes:
@@ -122,10 +108,11 @@ def load_model_state(model, checkpoint, path) -> None:
 
 
 def save_checkpoint(state, run_dir, epoch, step, periodic, best, keep_last, write=True) -> Path:
-    """Write checkpoint-epoch<N>[-step<S>].pth (periodic) and/or model_best.pth from one serialization,
-    each replaced atomically; beyond keep_last, older checkpoints are deleted only after the new one
-    is on disk. Returns the periodic file's path (model_best.pth's if only best)."""
-    path = Path(run_dir) / (checkpoint_name(epoch, step) if periodic else "model_best.pth")
+    """Write checkpoint-epoch<N>[-step<S>].pth (periodic) and/or model_best.pth from one serialization, each
+    replaced atomically; beyond keep_last, older checkpoints are deleted only after the new one is on disk.
+    Returns the periodic file's path (model_best.pth's if only best)."""
+    name = f"checkpoint-epoch{epoch}.pth" if step is None else f"checkpoint-epoch{epoch}-step{step}.pth"
+    path = Path(run_dir) / (name if periodic else "model_best.pth")
     if not write:  # under torchrun only rank 0 writes
         return path
     buffer = io.BytesIO()

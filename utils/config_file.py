@@ -36,8 +36,7 @@ def apply_override(config, item, params):
     if "=" not in item:
         raise ConfigError(f"override {item!r}: expected KEY.PATH=VALUE")
     key, raw = item.split("=", 1)
-    add = key.startswith("+")
-    path = key.lstrip("+").split(".")
+    add, path = key.startswith("+"), key.lstrip("+").split(".")
     if not all(path):
         raise ConfigError(f"override {item!r}: empty key in {key!r}")
     try:

@@ -1,11 +1,12 @@
+"""The errors a user can cause, and how the programs report them: one line, no traceback."""
+import sys
+import traceback
+
 REQUIRED = object()  # the default of a config key that has none
 
 
 class UserError(Exception):
-    """A mistake in the user's input (config, command line, data files, checkpoint).
-
-    train.py and test.py print it as one line, without a traceback, and exit with status 2.
-    """
+    """A mistake in the user's input (config, command line, data files, checkpoint): exit status 2."""
 
 
 class ConfigError(UserError):
@@ -21,4 +22,22 @@ class DataError(UserError):
 
 
 class TrainingError(Exception):
-    """Training cannot go on (e.g. the loss is no longer finite); printed as one line, exit status 1."""
+    """Training cannot go on (e.g. the loss is no longer finite): exit status 1."""
+
+
+def run_main(main, argv=None):
+    """Call main(argv); print a UserError or TrainingError as 'error: ...' and exit 2 or 1; Ctrl-C
+    outside training exits with 130; a bug prints its traceback and exits 1."""
+    try:
+        return main(argv)
+    except (UserError, TrainingError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        status = 2 if isinstance(e, UserError) else 1
+    except KeyboardInterrupt:
+        status = 130
+    except Exception:
+        traceback.print_exc()
+        status = 1
+    # Exit outside the handlers: the exception's frames (holding DataLoader iterators, whose workers
+    # ignore SIGTERM) are freed first, so the workers shut down instead of hanging the exit.
+    sys.exit(status)

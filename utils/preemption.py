@@ -10,18 +10,15 @@ class Preempted(Exception):
 
     def __init__(self, signum, checkpoint):
         super().__init__(f"stopped by {signal.Signals(signum).name}; checkpoint {checkpoint}")
-        self.signum = signum
-        self.checkpoint = checkpoint
+        self.signum, self.checkpoint = signum, checkpoint
 
 
 class StopRequest:
-    """Context manager: while active, the first SIGTERM or SIGINT only sets `signum`, which the
-    Trainer polls between steps (so it can finish the step and save the exact position); a second
-    one exits at once with status 128 + signum."""
+    """While active, the first SIGTERM or SIGINT only sets `signum`, which the Trainer polls between
+    steps (it finishes the step and saves the exact position); a second exits at once (128 + signum)."""
 
     def __init__(self):
-        self.signum = None
-        self._previous = {}
+        self.signum, self._previous = None, {}
 
     def _handle(self, signum, frame):
         if self.signum is not None:
@@ -30,11 +27,10 @@ class StopRequest:
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():  # signals reach only the main thread
-            for s in SIGNALS:
-                self._previous[s] = signal.signal(s, self._handle)
+            self._previous = {s: signal.signal(s, self._handle) for s in SIGNALS}
         return self
 
     def __exit__(self, *exc):
         for s, handler in self._previous.items():
             signal.signal(s, handler)
-        self._previous.clear()
+        self._previous = {}

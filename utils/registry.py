@@ -10,10 +10,9 @@ from utils.errors import ConfigError
 PROJECT_PACKAGES = ("model", "data_loader")
 ALLOWED_MODULES = ("torch.nn", "torch.optim", "torch.optim.lr_scheduler", "torchvision.models",
                    "torchvision.datasets", "torchvision.transforms.v2")
-# Reachable, but this Trainer cannot drive them: LBFGS needs a closure that re-evaluates the loss.
 REFUSED = {"torch.optim.LBFGS": "it needs a closure that re-evaluates the loss, which this Trainer does not pass",
-           "torch.optim.Optimizer": "it is the abstract base class", "torch.optim.lr_scheduler.LRScheduler":
-           "it is the abstract base class"}
+           "torch.optim.Optimizer": "it is the abstract base class",
+           "torch.optim.lr_scheduler.LRScheduler": "it is the abstract base class"}
 
 
 class Registry:
@@ -61,8 +60,7 @@ class Registry:
             close = difflib.get_close_matches(name.rpartition(".")[2], names, n=3)
             hint = f"did you mean {' or '.join(f'{module}.{c}' for c in close)}?" if close else f"see {module}"
             return ConfigError(f"{where}: unknown name {shown}; {hint}")
-        own = ", ".join(sorted(self.own))
-        return ConfigError(f"{where}: unknown name {shown}; available: {own}"
+        return ConfigError(f"{where}: unknown name {shown}; available: {', '.join(sorted(self.own))}"
                            + (f", any {default} name" if default else "")
                            + f", or a dotted name in {', '.join(ALLOWED_MODULES)}; to add your own, define it "
                            f"in any file under {'/ or '.join(PROJECT_PACKAGES)}/")

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 
-def _atomic_write(path, data: bytes) -> None:
+def atomic_write_bytes(data: bytes, path) -> None:
     """Write to a temp file beside `path`, fsync, rename into place, fsync the directory: a crash at
     any instant leaves the old file or the complete new one under `path`, never a partial file."""
     path = Path(path)
@@ -30,12 +30,8 @@ def _atomic_write(path, data: bytes) -> None:
         os.close(fd)
 
 
-def atomic_write_bytes(data: bytes, path) -> None:
-    _atomic_write(path, data)
-
-
 def atomic_write_text(text: str, path) -> None:
-    _atomic_write(path, text.encode())
+    atomic_write_bytes(text.encode(), path)
 
 
 def write_json(content, path) -> None:
@@ -72,8 +68,7 @@ def set_rng_state(state: dict) -> None:
 
 
 def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
-    """The bare module under DistributedDataParallel / torch.compile wrappers, whose state_dict
-    checkpoints hold: no 'module.' or '_orig_mod.' key prefixes."""
+    """The bare module under DDP / torch.compile wrappers, whose state_dict checkpoints hold (no key prefixes)."""
     ddp = torch.nn.parallel.DistributedDataParallel
     while isinstance(model, ddp) or hasattr(model, "_orig_mod"):
         model = model.module if isinstance(model, ddp) else model._orig_mod
@@ -84,8 +79,7 @@ def prepare_device(n_gpu_use: int, logger) -> torch.device:
     """The device for a single process: the first visible GPU if n_gpu_use > 0 and one exists, else the CPU."""
     if n_gpu_use > 0 and not torch.cuda.is_available():
         logger.info("n_gpu=%d in the config, but no GPU is available: running on the CPU.", n_gpu_use)
-        return torch.device("cpu")
-    return torch.device("cuda:0" if n_gpu_use > 0 else "cpu")
+    return torch.device("cuda:0" if n_gpu_use > 0 and torch.cuda.is_available() else "cpu")
 
 
 def tree_map(fn, batch):
