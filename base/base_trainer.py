@@ -141,8 +141,9 @@ class BaseTrainer:
                 self.outputs.close()
 
     def _train_epochs(self):
-        if self._stopped_early():
-            self.logger.info("This run already stopped early at epoch %d; nothing to do.", self.epoch)
+        if self._stopped_early() or self.epoch >= self.cfg["epochs"]:
+            self.logger.warning("This run already %s at epoch %d; nothing to do (train longer with trainer.epochs=N).",
+                                "stopped early" if self._stopped_early() else "finished", self.epoch)
         for epoch in range(self.epoch + 1, self.cfg["epochs"] + 1):
             if self._stopped_early():
                 break

@@ -60,7 +60,9 @@ class Registry:
             close = difflib.get_close_matches(name.rpartition(".")[2], names, n=3)
             hint = f"did you mean {' or '.join(f'{module}.{c}' for c in close)}?" if close else f"see {module}"
             return ConfigError(f"{where}: unknown name {shown}; {hint}")
-        return ConfigError(f"{where}: unknown name {shown}; available: {', '.join(sorted(self.own))}"
+        close = difflib.get_close_matches(str(name), list(self.own), n=1)
+        return ConfigError(f"{where}: unknown name {shown}; " + (f"did you mean {close[0]}? " if close else "")
+                           + f"available: {', '.join(sorted(self.own))}"
                            + (f", any {default} name" if default else "")
                            + f", or a dotted name in {', '.join(ALLOWED_MODULES)}; to add your own, define it "
                            f"in any file under {'/ or '.join(PROJECT_PACKAGES)}/")
