@@ -30,11 +30,21 @@ class BatchMean(Metric):
     """A function (output, target) -> batch-mean tensor, weighted by the batch size."""
 
     def __init__(self, fn):
-        self.fn = fn
+        self.fn, self.total, self.count = fn, None, 0
 
-    def batch_sums(self, output, target):
+    def update(self, output, target):
+        # A running weighted sum on the device and a Python count: no host sync, few ops a batch.
         value, n = torch.as_tensor(self.fn(output, target)).detach().float(), batch_size(target)
-        return torch.stack([value * n, torch.full_like(value, n)])
+        self.total = value * n if self.total is None else self.total.add_(value, alpha=n)
+        self.count += n
+
+    @property
+    def sums(self):
+        return None if self.total is None else torch.stack([self.total, torch.full_like(self.total, self.count)])
+
+    @sums.setter
+    def sums(self, sums):
+        self.total, self.count = (None, 0) if sums is None else (sums[0].clone(), int(sums[1].item()))
 
     def compute_from(self, sums):
         return sums[0] / sums[1]

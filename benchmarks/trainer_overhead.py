@@ -315,7 +315,7 @@ import time
 t0 = time.perf_counter()
 import torch
 t1 = time.perf_counter()
-import train, test, cli, parse_config, trainer, logger, utils, base, model.model, model.loss, model.metric
+import train, test, parse_config, trainer, logger, utils, base, model.model, model.loss, model.metric
 import base.base_metric, data_loader.datasets, utils.registry, utils.config_file, utils.checkpoint, utils.preemption
 print(t1 - t0, time.perf_counter() - t1)
 """

@@ -11,6 +11,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -176,6 +177,35 @@ def assert_same(a, b, where="checkpoint"):
             assert_same(x, y, f"{where}[{i}]")
     else:
         assert a == b, f"{where}: {a!r} != {b!r}"
+
+
+EXACT_KEYS = ("model", "optimizer", "lr_scheduler", "scaler", "trainer", "metrics", "rng")
+
+
+def assert_same_run(a: Run, b: Run, *checkpoints):
+    """Identical state in each of `checkpoints` of both runs and identical metrics.csv, time columns aside."""
+    for checkpoint in checkpoints:
+        ca, cb = a.checkpoint(checkpoint), b.checkpoint(checkpoint)
+        for key in EXACT_KEYS:
+            assert_same(ca[key], cb[key], f"{checkpoint}: {key}")
+    assert without_time(a.metrics()) == without_time(b.metrics())
+
+
+def make_image_folder(root, counts=(("train", 9), ("val", 2), ("test", 1)), classes=3, seed=0):
+    """PNG images of random sizes (40-70 px) in root/<split>/class<c>/; class c is brighter in channel c."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for split, per_class in counts:
+        for c in range(classes):
+            folder = Path(root) / split / f"class{c}"
+            folder.mkdir(parents=True)
+            for i in range(per_class):
+                w, h = rng.integers(40, 71, size=2)
+                pixels = rng.integers(0, 180, size=(h, w, 3), dtype=np.uint8)
+                pixels[..., c] += 70
+                Image.fromarray(pixels).save(folder / f"{i}.png")
+    return Path(root)
 
 
 def read_json(path):

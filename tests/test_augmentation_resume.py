@@ -9,38 +9,19 @@ import gc
 import io
 import shutil
 import traceback
-from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, Run, assert_same, call_main, without_time
+from conftest import ROOT, Run, call_main, make_image_folder
+from conftest import assert_same_run as conftest_same_run
 
 NAME = "ImageFolder_ResNet18"
-EXACT_KEYS = ("model", "optimizer", "lr_scheduler", "trainer", "metrics", "rng")
 # 27 training images, batches of 8: 4 steps per epoch (the last of 3 images); a mid-epoch
 # checkpoint every 3 steps: checkpoint-epoch1-step3.pth and checkpoint-epoch2-step6.pth.
 SMALL = ["arch.type=torchvision.models.mobilenet_v3_small", "arch.args.num_classes=3", "data_loader.batch_size=8", "data_loader.train_transform.0.args.size=32",
          "data_loader.eval_transform.0.args.size=36", "data_loader.eval_transform.1.args.size=32",
          "trainer.tensorboard=false", "trainer.verbosity=1", "trainer.save_period=1", "trainer.save_every_steps=3"]
-
-
-def make_image_folder(root, counts=(("train", 9), ("val", 2), ("test", 1)), classes=3, seed=0):
-    """PNG images of random sizes (40-70 px) in root/<split>/class<c>/."""
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
-    for split, per_class in counts:
-        for c in range(classes):
-            folder = Path(root) / split / f"class{c}"
-            folder.mkdir(parents=True)
-            for i in range(per_class):
-                w, h = rng.integers(40, 71, size=2)
-                pixels = rng.integers(0, 180, size=(h, w, 3), dtype=np.uint8)
-                pixels[..., c] += 70
-                Image.fromarray(pixels).save(folder / f"{i}.png")
-    return Path(root)
 
 
 def run_train(*argv) -> str:
@@ -84,11 +65,7 @@ def straight(images, tmp_path_factory):
 
 
 def assert_same_run(a: Run, b: Run, *checkpoints):
-    for checkpoint in checkpoints:
-        ca, cb = a.checkpoint(checkpoint), b.checkpoint(checkpoint)
-        for key in EXACT_KEYS:
-            assert_same(ca[key], cb[key], f"{checkpoint}: {key}")
-    assert without_time(a.metrics()) == without_time(b.metrics())
+    conftest_same_run(a, b, *checkpoints)
     assert [r["epoch"] for r in b.metrics()] == ["1", "2"]
 
 

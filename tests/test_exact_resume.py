@@ -8,24 +8,12 @@ import sys
 
 import pytest
 
-from conftest import ROOT, THREADS_ENV, Run, assert_ok, assert_same, run_train, without_time
+from conftest import ROOT, THREADS_ENV, Run, assert_ok, assert_same_run, run_train
 
 # config.json: 40 steps per epoch, dropout and shuffling on. A scheduler that changes the lr every
 # epoch makes a scheduler state that was not restored visible in the weights.
 COMMON = ["trainer.tensorboard=false", "trainer.verbosity=1", "lr_scheduler.args.step_size=1",
           "lr_scheduler.args.gamma=0.7"]
-EXACT_KEYS = ("model", "optimizer", "lr_scheduler", "scaler", "trainer", "metrics", "rng")
-
-
-def assert_same_run(a: Run, b: Run, *checkpoints):
-    """Identical state in each of `checkpoints` of both runs and identical metrics.csv, time columns aside."""
-    for checkpoint in checkpoints:
-        ca, cb = a.checkpoint(checkpoint), b.checkpoint(checkpoint)
-        for key in EXACT_KEYS:
-            assert_same(ca[key], cb[key], f"{checkpoint}: {key}")
-    assert without_time(a.metrics()) == without_time(b.metrics())
-
-
 def copy_run(run: Run, save_dir) -> Run:
     shutil.copytree(run.save_dir, save_dir)
     return Run(save_dir, run.run_id)

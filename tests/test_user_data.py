@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, Run, assert_ok, call_main, read_json, run_script
+from conftest import ROOT, Run, assert_ok, call_main, make_image_folder, read_json, run_script
 
 TABULAR_DATA = '''
 import logging
@@ -305,23 +305,6 @@ def test_dict_samples_with_the_users_own_step(tmp_path):
 
 # ---- torchvision models and datasets by dotted name -------------------------------------------
 
-def make_image_folder(root, splits=("train", "val", "test"), classes=3, per_class=8, seed=0):
-    """PNG images of random sizes (40-70 px) in root/<split>/class<c>/; class c is brighter in channel c."""
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
-    for split in splits:
-        for c in range(classes):
-            folder = Path(root) / split / f"class{c}"
-            folder.mkdir(parents=True)
-            for i in range(per_class):
-                w, h = rng.integers(40, 71, size=2)
-                pixels = rng.integers(0, 180, size=(h, w, 3), dtype=np.uint8)
-                pixels[..., c] += 70
-                Image.fromarray(pixels).save(folder / f"{i}.png")
-    return Path(root)
-
-
 def image_folder_args(root, save_dir):
     return [f"trainer.save_dir={save_dir}", f"data_loader.dataset.args.root={root / 'train'}",
             f"data_loader.valid_dataset.args.root={root / 'val'}", f"data_loader.test_dataset.args.root={root / 'test'}",
@@ -345,7 +328,7 @@ def resnet_run(tmp_path_factory):
     """configs/image_folder.json as shipped (torchvision.models.resnet18, torch.nn.CrossEntropyLoss
     with label smoothing, 64 px crops, TensorBoard on) for 1 epoch on a tiny image folder."""
     base = tmp_path_factory.mktemp("images")
-    root = make_image_folder(base / "images")
+    root = make_image_folder(base / "images", counts=(("train", 8), ("val", 8), ("test", 8)))
     _, out = in_process("train.py", "-c", "configs/image_folder.json", "--run-id", "i",
                         *image_folder_args(root, base / "saved"))
     run = Run(base / "saved", "i", name="ImageFolder_ResNet18")
@@ -385,7 +368,7 @@ def test_loss_class_by_dotted_name_gets_its_args():
 def test_absent_optional_valid_folder_falls_back_to_validation_split(tmp_path):
     """Only train/ exists: the optional val/ and test/ are skipped and validation_split (0.1) and
     test_split (0.1) of the 30 training images are held out."""
-    root = make_image_folder(tmp_path / "images", splits=("train",), per_class=10)
+    root = make_image_folder(tmp_path / "images", counts=(("train", 10),))
     _, out = in_process("train.py", "-c", "configs/image_folder.json", "--dry-run",
                         *image_folder_args(root, tmp_path / "saved"))
     m = re.search(r"Data: (\d+) training, (\d+) validation samples", out)
