@@ -286,9 +286,8 @@ class BaseTrainer:
             raise TrainingError(f"non-finite weights in epoch {self.epoch + (self.batches_done > 0)} after step "
                                 f"{self.global_step}; no checkpoint of them was written")
         state = self.state_dict()  # under torchrun, every process takes part
-        step = self.global_step if self.batches_done else None
-        path = save_checkpoint(state, self.config.save_dir, state["epoch"], step, periodic, best,
-                               self.cfg["keep_last"], write=dist.is_main_process())
+        path = save_checkpoint(state, self.config.save_dir, state["epoch"], self.global_step if self.batches_done
+                               else None, periodic, best, self.cfg["keep_last"], write=dist.is_main_process())
         if dist.is_main_process():
             self.logger.info("Saved %s", " and ".join([path.name] * periodic + ["model_best.pth"] * best))
         return path
