@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 IGNORE = shutil.ignore_patterns("saved", ".git", "__pycache__", "*.pyc", ".pytest_cache", ".venv", "venv",
-                                "MNIST", "FashionMNIST", "*.egg-info", ".mypy_cache", ".ruff_cache")
+                                "MNIST", "FashionMNIST", "image_folder", "*.egg-info", ".mypy_cache", ".ruff_cache")
 
 
 def main(argv=None):
