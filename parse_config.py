@@ -39,6 +39,7 @@ DEFAULT_MODULES = {"optimizer": "torch.optim", "lr_scheduler": "torch.optim.lr_s
 MINIMUM = {"n_gpu": 0, "trainer.epochs": 1, "trainer.save_period": 1, "trainer.log_step": 1, "trainer.early_stop": 0,
            "trainer.keep_last": 0, "trainer.save_every_steps": 0, "trainer.accumulate_steps": 1,
            "data_loader.batch_size": 1, "data_loader.num_workers": 0}
+RESERVED = ("loss", "epoch", "lr", "epoch_seconds", "samples_per_second")  # columns the trainer writes itself
 EXTRA_KEYS = {"valid_dataset": ("optional",), "test_dataset": ("optional",), "metrics": ("name",), "lr_scheduler": ("interval",)}
 
 
@@ -161,6 +162,9 @@ class ConfigParser:
         for path in object_paths(c):
             self._check_spec(path)
         names = self.metric_names
+        reserved = next((n for n in names if n in RESERVED or n.startswith("val_")), None)
+        if reserved:
+            raise ConfigError(f"metrics: {reserved!r} is a name the trainer logs itself; give the metric another \"name\"")
         if len(set(names)) < len(names):
             raise ConfigError(f"metrics: two metrics are named {next(n for n in names if names.count(n) > 1)!r}; "
                               "give one a \"name\"")

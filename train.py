@@ -115,6 +115,8 @@ def setup_device(n_gpu, logger) -> torch.device:
 def build_loss_and_metrics(config, device):
     """The loss (a module is moved to `device`) and {name: metric} (functions wrapped as batch means)."""
     criterion = config.init_ftn("loss")
+    if not callable(criterion):
+        raise ConfigError(f"loss: {type(criterion).__name__} is not callable as loss(output, target)")
     criterion = criterion.to(device) if isinstance(criterion, torch.nn.Module) else criterion
     return criterion, {name: metric_object(config.init_ftn(f"metrics.{i}")) for i, name in enumerate(config.metric_names)}
 
@@ -141,6 +143,8 @@ def run(args, config, checkpoint, checkpoint_path, device, logger):
     datasets = make_datasets(config)
     if datasets["train"] is None:
         raise ConfigError(f"data_loader.dataset: the training split of {config['data_loader']['dataset']['type']} is empty")
+    if datasets["valid"] is None and (config.monitor[1] or "").startswith("val_"):
+        raise ConfigError(f"trainer.monitor: {config.monitor[1]} needs validation data, but the validation split is empty")
     loader_args = dict(batch_size=config["data_loader"]["batch_size"], num_workers=config["data_loader"]["num_workers"],
                        seed=config["seed"])
     data_loader = BaseDataLoader(datasets["train"], shuffle=config["data_loader"]["shuffle"], **loader_args)

@@ -39,12 +39,13 @@ class BatchMean(Metric):
         self.count += n
 
     @property
-    def sums(self):
-        return None if self.total is None else torch.stack([self.total, torch.full_like(self.total, self.count)])
+    def sums(self):  # float64: exact counts beyond 2**24 samples
+        return None if self.total is None else torch.stack([self.total.double(), self.total.new_tensor(
+            self.count, dtype=torch.float64)])
 
     @sums.setter
-    def sums(self, sums):
-        self.total, self.count = (None, 0) if sums is None else (sums[0].clone(), int(sums[1].item()))
+    def sums(self, sums):  # back to float32, the dtype an uninterrupted run accumulates in
+        self.total, self.count = (None, 0) if sums is None else (sums[0].float(), int(sums[1].item()))
 
     def compute_from(self, sums):
         return sums[0] / sums[1]

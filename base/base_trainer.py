@@ -1,6 +1,5 @@
-"""BaseTrainer: the engine around the user's step (trainer/trainer.py): epochs, AMP, gradient
-accumulation, DDP no_sync, clipping, optimizer and scheduler, metrics, progress, outputs, early
-stopping, checkpoints. All a checkpoint restores goes through state_dict() / load_state_dict()."""
+"""BaseTrainer: the engine around the user's step (trainer/trainer.py): epochs, AMP, accumulation, DDP,
+clipping, metrics, outputs, early stopping, checkpoints; the whole run state in state_dict()."""
 import contextlib
 import itertools
 import logging
@@ -16,7 +15,7 @@ from logger import RunOutputs, image_batch, progress_bar
 from utils.checkpoint import load_model_state, position_of, save_checkpoint, supersede_after
 from utils.errors import CheckpointError, ConfigError, TrainingError
 from utils.preemption import Preempted, StopRequest
-from utils.util import get_rng_state, set_rng_state, tree_map, unwrap_model
+from utils.util import get_rng_state, set_rng_state, to_device, unwrap_model
 
 NoneType = type(None)
 # key: (default, allowed type(s), description). The README's config reference mirrors this table.
@@ -25,30 +24,24 @@ TRAINER_DEFAULTS = {
     "save_dir": ("saved/", str, "root of the run outputs: <save_dir>/models and <save_dir>/log"),
     "save_period": (1, int, "write checkpoint-epoch<N>.pth every this many epochs; the last epoch is always saved"),
     "verbosity": (2, int, "console log level of the template's loggers: 0 warnings, 1 info, 2 debug (per-step lines)"),
-    "monitor": ("off", str, "\"min METRIC\", \"max METRIC\" or \"off\": picks model_best.pth and drives early "
-                            "stopping; METRIC is loss, a metric name, or either with val_"),
+    "monitor": ("off", str, "'min METRIC', 'max METRIC' or 'off': picks model_best.pth, drives early stopping"),
     "early_stop": (0, int, "stop after this many consecutive epochs without improvement; 0 = never"),
     "tensorboard": (True, bool, "write TensorBoard event files into the run's log directory"),
-    "log_images": (True, bool, "with tensorboard: a grid of training inputs each epoch, when they are images "
-                               "(N, C, H, W with C = 1, 3 or 4)"),
+    "log_images": (True, bool, "with tensorboard: a grid of training inputs each epoch, if they are NCHW images"),
     "log_step": (10, int, "every this many steps: log the loss, refresh the progress bar (a host sync)"),
     "len_epoch": (None, (int, NoneType), "optimizer steps per epoch (iteration-based); null = one pass over the data"),
-    "save_every_steps": (0, int, "also write checkpoint-epoch<E>-step<S>.pth every this many optimizer steps "
-                                 "(an exact mid-epoch resume point); 0 = off"),
-    "amp": (None, (str, NoneType), "mixed precision: \"bf16\" (CPU or CUDA), \"fp16\" (CUDA, with a gradient "
-                                   "scaler) or null = full precision"),
+    "save_every_steps": (0, int, "also write checkpoint-epoch<E>-step<S>.pth every this many steps; 0 = off"),
+    "amp": (None, (str, NoneType), "mixed precision: 'bf16' (CPU or CUDA), 'fp16' (CUDA, scaled) or null = off"),
     "accumulate_steps": (1, int, "batches whose gradients are summed into one optimizer step"),
     "clip_grad_norm": (None, (float, NoneType), "clip the gradients' total norm to this value; null = no clipping"),
     "compile": (False, (bool, str), "wrap the model with torch.compile (true, or the name of a torch.compile backend)"),
-    "keep_last": (0, int, "keep only the newest this many checkpoint-epoch*.pth files (model_best.pth is "
-                          "kept apart); 0 = keep all"),
+    "keep_last": (0, int, "keep only the newest this many checkpoint-epoch*.pth files; 0 = keep all"),
 }
 
 
 class BaseTrainer:
-    """Trains `model` on `data_loader`, validating on `valid_data_loader` (optional) each epoch.
-    metrics: {name: Metric or object with update/compute/reset}; config: the run's ConfigParser.
-    Subclasses implement step(batch) -> (loss, output, target)."""
+    """Trains `model` on `data_loader`, validating on `valid_data_loader` (optional) each epoch. metrics:
+    {name: Metric or update/compute/reset object}. Subclasses implement step(batch) -> (loss, output, target)."""
 
     def __init__(self, model, criterion, metrics, optimizer, config, device, data_loader=None,
                  valid_data_loader=None, lr_scheduler=None):
@@ -70,8 +63,7 @@ class BaseTrainer:
         # is one pass over the data, its last step taking whatever batches remain.
         self.batches_per_epoch = cfg["len_epoch"] * cfg["accumulate_steps"] if cfg["len_epoch"] else \
             len(data_loader or ())
-        self.distributed = dist.is_distributed()
-        self.stop_request = StopRequest()
+        self.distributed, self.stop_request = dist.is_distributed(), StopRequest()
         self.outputs = self.images = None
         # Run state (all of it in state_dict()): last finished epoch, optimizer steps taken, batches of
         # epoch + 1 done (non-zero only mid-epoch), the monitor's best and its early-stop counter.
@@ -125,8 +117,7 @@ class BaseTrainer:
         self.logger.info("Resumed from %s: epoch %d, step %d.", path, self.epoch, self.global_step)
 
     def train(self):
-        """Train to the configured epochs, writing logs, metrics.csv and checkpoints. Raises Preempted
-        after saving the exact position on SIGTERM / SIGINT, TrainingError on a non-finite loss."""
+        """Train to trainer.epochs; Preempted after saving on SIGTERM / SIGINT, TrainingError on a NaN loss."""
         if dist.is_main_process():  # only rank 0 writes
             if self.config.resume:  # forget what was logged and saved after the resumed checkpoint
                 for moved in supersede_after(self.config.save_dir, self.resumed_at):
@@ -154,11 +145,12 @@ class BaseTrainer:
                 raise TrainingError(f"non-finite training loss ({log['loss']}) in epoch {epoch}; no checkpoint "
                                     "of these weights was written")
             if self.valid_data_loader is not None:
-                log.update(("val_" + k, v) for k, v in self.evaluate(self.valid_data_loader, f"Epoch {epoch} valid").items())
+                valid = self.evaluate(self.valid_data_loader, f"Epoch {epoch} valid")
+                log.update(("val_" + k, v) for k, v in valid.items())
             log["lr"] = self.optimizer.param_groups[0]["lr"]
             if self.lr_scheduler is not None and self.config["lr_scheduler"]["interval"] == "epoch":
                 plateau = isinstance(self.lr_scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
-                self.lr_scheduler.step(*[log[self.mnt_metric]] * plateau)
+                self.lr_scheduler.step(log[self.mnt_metric]) if plateau else self.lr_scheduler.step()
             log["epoch_seconds"] = time.perf_counter() - start
             log["samples_per_second"] = n_samples * dist.world_size() / train_seconds  # all processes
             self.epoch = epoch
@@ -188,7 +180,7 @@ class BaseTrainer:
         batches = itertools.islice(self.data_loader.stream((epoch - 1) * self.batches_per_epoch + done), n - done)
         bar = progress_bar(total=n, initial=done, desc=f"Epoch {epoch} train")
         for i, (batch, n_real) in enumerate(batches, start=done):
-            batch = tree_map(lambda t: t.to(self.device, non_blocking=True), batch)
+            batch = to_device(batch, self.device)
             window_start = i - i % self.cfg["accumulate_steps"]
             window = min(self.cfg["accumulate_steps"], n - window_start)  # the epoch's last may be short
             last_in_window = i + 1 == window_start + window
@@ -223,7 +215,7 @@ class BaseTrainer:
         self.global_step += 1
 
     def _after_step(self, epoch, n_batches, loss, bar):
-        """Progress and a finite-loss check every log_step steps; a mid-epoch checkpoint when due or asked by a signal."""
+        """Every log_step steps progress and a finite-loss check; a mid-epoch checkpoint when due or signalled."""
         log_now = (self.global_step - 1) % self.cfg["log_step"] == 0
         if log_now:  # note: a host-device sync point, so only every log_step steps
             sums = self.metrics.metrics["loss"].sums
@@ -247,21 +239,28 @@ class BaseTrainer:
 
     def evaluate(self, loader, desc="valid", max_batches=None) -> dict:
         """Loss and metrics over `loader` (over all processes under torchrun), under the training's autocast."""
+        # Under torchrun, through the bare module with rank 0's buffers: DDP's forward is a collective,
+        # and a process may have no validation batch at all.
+        model, self.model = self.model, unwrap_model(self.model) if self.distributed else self.model
+        dist.broadcast_buffers(self.model)
         self.model.eval()
         self.metrics.reset()
-        with torch.no_grad():
-            for batch in progress_bar(itertools.islice(loader, max_batches), total=max_batches or len(loader), desc=desc):
-                with self.autocast():
-                    loss, output, target = self.step(tree_map(lambda t: t.to(self.device, non_blocking=True), batch))
-                self.metrics.update(loss, output, target)
+        try:
+            with torch.no_grad():
+                for batch in progress_bar(itertools.islice(loader, max_batches), total=max_batches or len(loader),
+                                          desc=desc):
+                    with self.autocast():
+                        loss, output, target = self.step(to_device(batch, self.device))
+                    self.metrics.update(loss, output, target)
+        finally:
+            self.model = model
         return self.metrics.compute(self.device)
 
     def dry_run(self, batches=2):
         """Train `batches` batches and validate on `batches` batches; write nothing."""
         self.cfg = {**self.cfg, "save_every_steps": 0}  # no checkpoints: a dry run has no run directory
         self.batches_done = 0  # from the first batch of the next epoch, even when resuming mid-epoch
-        log, _ = self._train_epoch(self.epoch + 1, max_batches=batches)
-        self.logger.info("dry run: %d training batches: %s", batches, log)
+        self.logger.info("dry run: %d training batches: %s", batches, self._train_epoch(self.epoch + 1, batches)[0])
         if self.valid_data_loader is not None:
             self.logger.info("dry run: %d validation batches: %s", batches,
                              self.evaluate(self.valid_data_loader, max_batches=batches))
@@ -275,7 +274,8 @@ class BaseTrainer:
             return False
         value = log[self.mnt_metric]
         improved = value < self.mnt_best if self.mnt_mode == "min" else value > self.mnt_best
-        self.mnt_best, self.not_improved_count = (value, 0) if improved else (self.mnt_best, self.not_improved_count + 1)
+        self.mnt_best = value if improved else self.mnt_best
+        self.not_improved_count = 0 if improved else self.not_improved_count + 1
         return improved
 
     def _save_checkpoint(self, periodic: bool, best: bool):

@@ -47,6 +47,12 @@ def any_process(flag: bool, device) -> bool:
     return bool(all_reduce(torch.tensor([float(flag)], device=device)).item()) if is_distributed() else flag
 
 
+def broadcast_buffers(module) -> None:
+    """Rank 0's buffers (e.g. BatchNorm running statistics) in `module` on every process."""
+    for buffer in module.buffers() if is_distributed() else ():
+        dist.broadcast(buffer, src=0)
+
+
 def broadcast_object(obj):
     """Rank 0's `obj` on every process."""
     box = [obj]

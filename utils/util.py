@@ -91,3 +91,8 @@ def tree_map(fn, batch):
     if isinstance(batch, (list, tuple)):
         return type(batch)(tree_map(fn, v) for v in batch)
     return batch
+
+
+def to_device(batch, device):
+    """A batch (a tensor, or a nested tuple, list or dict of them) on `device`."""
+    return tree_map(lambda t: t.to(device, non_blocking=True), batch)
