@@ -68,10 +68,10 @@ class MetricTracker:
             m.reset()
 
     def update(self, loss, output, target, n_real=None):
+        if n_real == 0:  # a batch of DDP padding only
+            return
         if n_real is not None:  # drop the samples that pad the last DDP shard
             output, target = (tree_map(lambda t: t[:n_real], x) for x in (output, target))
-            if n_real == 0:
-                return
         with torch.no_grad():
             output = output.detach() if torch.is_tensor(output) else output
             for name, m in self.metrics.items():

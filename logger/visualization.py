@@ -55,11 +55,16 @@ class MetricsCSV:
         self._write([r for r in self.rows() if int(r["epoch"]) <= last_epoch])
 
     def append(self, row: dict):
-        rows = self.rows()
-        if not rows or list(rows[0]) != list(row):
-            return self._write(rows + [row])  # new file, or new columns: rewrite it whole
-        with open(self.path, "a", newline="") as f:
+        if self._header() != list(row):  # new file, or new columns: rewrite it whole
+            return self._write(self.rows() + [row])
+        with open(self.path, "a", newline="") as f:  # the usual case reads only the header line
             csv.DictWriter(f, fieldnames=list(row), lineterminator="\n").writerow(row)
+
+    def _header(self):
+        if not self.path.is_file():
+            return None
+        with open(self.path, newline="") as f:
+            return next(csv.reader(f), [])
 
     def _write(self, rows):
         out = io.StringIO()
