@@ -4,9 +4,11 @@ Precedence: command-line overrides > the config file (or a resumed checkpoint's 
 Parsing has no side effects (make_run_dirs() creates the run's directories). The programs hand the
 parser a Registry (utils/registry.py): the only names it may build."""
 import copy
+import fcntl
 import functools
 import inspect
 import json
+import os
 from datetime import datetime
 from pathlib import Path
 
@@ -17,6 +19,7 @@ from base.base_metric import snake_case
 from base.base_trainer import TRAINER_DEFAULTS
 from utils.config_file import apply_override, check_keys, check_type, get_path, load_config_file, where  # noqa: F401
 from utils.errors import REQUIRED, ConfigError, DataError
+from utils.util import claim_dir, write_json
 
 # key: (default, allowed type(s), description). The README's config reference mirrors these tables.
 TOP_LEVEL = {
@@ -36,9 +39,10 @@ SECTIONS = {"data_loader": LOADER_DEFAULTS, "trainer": TRAINER_DEFAULTS}
 # Where a bare name is looked up after the project's own packages.
 DEFAULT_MODULES = {"optimizer": "torch.optim", "lr_scheduler": "torch.optim.lr_scheduler",
                    "train_transform": "torchvision.transforms.v2", "eval_transform": "torchvision.transforms.v2"}
-MINIMUM = {"n_gpu": 0, "trainer.epochs": 1, "trainer.save_period": 1, "trainer.log_step": 1, "trainer.early_stop": 0,
-           "trainer.keep_last": 0, "trainer.save_every_steps": 0, "trainer.accumulate_steps": 1,
+MINIMUM = {"n_gpu": 0, "seed": 0, "trainer.epochs": 1, "trainer.save_period": 1, "trainer.log_step": 1,
+           "trainer.early_stop": 0, "trainer.keep_last": 0, "trainer.save_every_steps": 0, "trainer.accumulate_steps": 1,
            "data_loader.batch_size": 1, "data_loader.num_workers": 0}
+MAXIMUM = {"seed": 2**32 - 1}  # numpy's limit; every other integer at most 2**31 - 1
 RESERVED = ("loss", "epoch", "lr", "epoch_seconds", "samples_per_second")  # columns the trainer writes itself
 EXTRA_KEYS = {"valid_dataset": ("optional",), "test_dataset": ("optional",), "metrics": ("name",), "lr_scheduler": ("interval",)}
 
@@ -74,20 +78,17 @@ def parse_monitor(monitor: str, metric_names):
 
 def with_defaults(raw):
     """`raw` with every missing key of the top level, data_loader and trainer set to its default."""
-    check_keys(raw, TOP_LEVEL, "")
-    config = {}
-    for key, (default, types, _) in TOP_LEVEL.items():
-        if key not in raw and default is REQUIRED:
-            raise ConfigError(f"{key}: missing required key")
-        config[key] = copy.deepcopy(raw.get(key, default))
-        check_type(config[key], types, key)
-    for section, schema in SECTIONS.items():
-        check_keys(config[section], schema, f"{section}.")
+    def fill(given, schema, prefix):
+        check_keys(given, schema, prefix)
         for key, (default, types, _) in schema.items():
-            if key not in config[section] and default is REQUIRED:
-                raise ConfigError(f"{section}.{key}: missing required key")
-            config[section][key] = config[section].get(key, copy.deepcopy(default))
-            check_type(config[section][key], types, f"{section}.{key}")
+            if key not in given and default is REQUIRED:
+                raise ConfigError(f"{prefix}{key}: missing required key")
+            given[key] = copy.deepcopy(given.get(key, default))
+            check_type(given[key], types, prefix + key)
+        return given
+    config = fill(dict(raw), TOP_LEVEL, "")
+    for section, schema in SECTIONS.items():
+        fill(config[section], schema, f"{section}.")
     return config
 
 
@@ -102,7 +103,7 @@ class ConfigParser:
     """A validated experiment config (plain data in .config) plus where its run writes: run_id, and
     resume (True when continuing an existing run, in its directories)."""
 
-    def __init__(self, raw: dict, overrides, registry, run_id=None, resume=False, run_root=None):
+    def __init__(self, raw: dict, overrides, registry, run_id=None, resume=False, run_dir=None):
         self.registry = registry
         self.config = with_defaults(raw)
         for item in overrides:
@@ -110,11 +111,14 @@ class ConfigParser:
         self.config = with_defaults(self.config)  # an added (+) key is still checked against the schema
         self._validate()
         self.resume = resume
-        if run_id is not None and (not run_id or any(c in run_id for c in "/\\") or run_id in (".", "..")):
-            raise ConfigError(f"--run-id: {run_id!r} must be a non-empty name without path separators")
+        if run_id is not None and not _is_name(run_id):
+            raise ConfigError(f"--run-id: {run_id[:80]!r} must be a name of 1-200 characters without path separators")
         self.run_id = run_id or datetime.now().strftime("%Y%m%d_%H%M%S")
         self._run_id_given = run_id is not None
-        self.save_root = Path(run_root) if run_root else Path(self.config["trainer"]["save_dir"])
+        # A resumed run writes beside its checkpoint, never where the checkpoint's config says, unless
+        # this command line names a save_dir.
+        relocated = any(o.lstrip("+").startswith("trainer.save_dir=") for o in overrides)
+        self.run_dir = Path(run_dir) if run_dir is not None and not relocated else None
 
     def __getitem__(self, key):
         return self.config[key]
@@ -142,11 +146,13 @@ class ConfigParser:
     def _validate(self):
         """Check everything that can be checked before building anything; raise on the first fault."""
         c, t, d = self.config, self.config["trainer"], self.config["data_loader"]
-        if not c["name"] or any(ch in c["name"] for ch in "/\\") or c["name"] in (".", ".."):
-            raise ConfigError(f"name: {c['name'][:80]!r} must be a non-empty name without path separators")
+        if not _is_name(c["name"]):
+            raise ConfigError(f"name: {c['name'][:80]!r} must be a name of 1-200 characters without path separators")
+        if not t["save_dir"] or "\0" in t["save_dir"]:
+            raise ConfigError(f"trainer.save_dir: {t['save_dir'][:80]!r} must be a non-empty path without NUL bytes")
         for key, low in MINIMUM.items():
-            if get_path(c, key) < low:
-                raise ConfigError(f"{key}: must be >= {low}, got {get_path(c, key)}")
+            if not low <= get_path(c, key) <= MAXIMUM.get(key, 2**31 - 1):
+                raise ConfigError(f"{key}: must be in [{low}, {MAXIMUM.get(key, 2**31 - 1)}], got {get_path(c, key)}")
         for key in ("validation_split", "test_split"):
             if not 0 <= d[key] < 1:
                 raise ConfigError(f"data_loader.{key}: must be in [0, 1), got {d[key]}")
@@ -245,37 +251,60 @@ class ConfigParser:
 
     @property
     def save_dir(self) -> Path:
-        return self.save_root / "models" / self.config["name"] / self.run_id
+        if self.run_dir is not None:
+            return self.run_dir
+        return Path(self.config["trainer"]["save_dir"]) / "models" / self.config["name"] / self.run_id
 
     @property
     def log_dir(self) -> Path:
-        return self.save_root / "log" / self.config["name"] / self.run_id
+        """<root>/log/<name>/<run_id> beside <root>/models/<name>/<run_id>; a resumed run's checkpoint
+        directory outside that layout keeps its logs in its own log/."""
+        run = self.save_dir
+        return run.parents[2] / "log" / run.parent.name / run.name if run.parent.parent.name == "models" \
+            else run / "log"
 
-    def make_run_dirs(self, reuse=False) -> None:
-        """Create the run's directories and write the resolved config there. A new run claims its
-        directory with an exclusive mkdir: an id taken in the same second gets a suffix, a taken
-        --run-id is an error (unless `reuse`: --auto-resume restarting a run with no checkpoint)."""
+    def make_run_dirs(self, reuse=False):
+        """Create the run's directories, lock the run and write the resolved config there; the lock (a
+        file to close when the run ends). A new run claims its directory with an exclusive mkdir: an id
+        taken in the same second gets a suffix, a taken --run-id is an error (unless `reuse`:
+        --auto-resume restarting a run with no checkpoint). The lock keeps a second process from
+        training into the same run (two --auto-resume jobs); it ends with the process."""
+        claimed = None
         try:
             if not self.resume and not reuse:
-                base, n = self.run_id, 0
                 self.save_dir.parent.mkdir(parents=True, exist_ok=True)
-                while True:
-                    try:
-                        self.save_dir.mkdir()
-                        break
-                    except FileExistsError:
-                        if self._run_id_given:
-                            raise ConfigError(f"--run-id: run {base!r} already exists in {self.save_dir.parent}; "
-                                              "resume it with -r or choose another id") from None
-                        n += 1
-                        self.run_id = f"{base}_{n}"
+                try:
+                    claimed = claim_dir(self.save_dir, numbered=not self._run_id_given)
+                except FileExistsError:
+                    raise ConfigError(f"--run-id: run {self.run_id!r} already exists in {self.save_dir.parent}; "
+                                      "resume it with -r or choose another id") from None
+                self.run_id = claimed.name
             self.save_dir.mkdir(parents=True, exist_ok=True)
             self.log_dir.mkdir(parents=True, exist_ok=True)
+            lock = open(self.save_dir / ".lock", "a+")
         except OSError as e:
-            raise ConfigError(f"trainer.save_dir: cannot create the run's directories in {self.save_root}: "
+            if claimed is not None:
+                claimed.rmdir()  # leave no empty run behind to block this --run-id
+            raise ConfigError(f"trainer.save_dir: cannot create the run's directories ({e.filename}): "
                               f"{e.strerror}") from None
-        from utils import write_json  # here, not at import: parsing must not depend on the file helpers
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            owner = lock.read().strip()[:20]
+            lock.close()
+            raise ConfigError(f"{self.save_dir}: this run is being trained by another process (pid {owner}); "
+                              "wait for it to end, or resume into another run with -c CONFIG -r CHECKPOINT") from None
+        lock.truncate(0)
+        lock.write(str(os.getpid()))
+        lock.flush()
         write_json(self.config, self.save_dir / "config.json")
+        return lock
+
+
+def _is_name(name) -> bool:
+    """A single path component: a run id or an experiment name."""
+    return 0 < len(name) <= 200 and not set(name) & set("/\\\0") and name not in (".", "..")
 
 
 def _files_hint(cls, spec):

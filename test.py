@@ -7,8 +7,7 @@ import json
 import logging
 import os
 
-from base import BaseDataLoader
-from base.base_data_loader import make_datasets
+from base.base_data_loader import make_datasets, make_loader
 from logger import setup_logging
 from parse_config import ConfigParser
 from train import build_loss_and_metrics
@@ -17,6 +16,20 @@ from utils import prepare_device, write_json
 from utils.checkpoint import find_checkpoint, load_checkpoint, load_model_state
 from utils.errors import ConfigError, run_main
 from utils.registry import Registry
+
+
+def _changed_split(config, saved):
+    """The first key that decides which samples the test split cut from `dataset` holds, and that differs
+    from the checkpoint's config; None when the test data is a dataset of its own."""
+    def split(c):
+        d = c.get("data_loader", {})
+        return {"seed": c.get("seed"), "data_loader.dataset.type": (d.get("dataset") or {}).get("type"),
+                "data_loader.validation_split": d.get("validation_split"), "data_loader.test_split": d.get("test_split"),
+                "data_loader.valid_dataset": d.get("valid_dataset") is None}
+    if config["data_loader"]["test_dataset"] is not None:
+        return None
+    new, old = split(config), split(saved)
+    return next((key for key in new if new[key] != old[key]), None)
 
 
 def main(argv=None):
@@ -34,11 +47,14 @@ def main(argv=None):
     setup_logging(None, config["trainer"]["verbosity"])
     logger = logging.getLogger("test")
 
+    changed = _changed_split(config.config, checkpoint["config"])
+    if changed:
+        raise ConfigError(f"{changed}: changing it would put training samples into the test split; evaluate on "
+                          "other data with data_loader.test_dataset")
     test_set = make_datasets(config)["test"]
     if test_set is None:
         raise ConfigError("data_loader: no test data (set data_loader.test_split or data_loader.test_dataset)")
-    data_loader = BaseDataLoader(test_set, config["data_loader"]["batch_size"], even_shards=False,
-                                 num_workers=config["data_loader"]["num_workers"], seed=config["seed"])
+    data_loader = make_loader(config, test_set)
     model = config.init_obj("arch")
     load_model_state(model, checkpoint, path)
     device = prepare_device(config["n_gpu"], logger)
@@ -49,7 +65,7 @@ def main(argv=None):
     results = trainer.evaluate(data_loader, desc="test")
     results["n_samples"] = len(test_set)
     out = path.parent / "test_metrics.json"
-    write_json({"checkpoint": path.name, **results}, out)
+    write_json({"checkpoint": path.name, "overrides": args.overrides, **results}, out)
     print(json.dumps(results, indent=2))
     print(f"Wrote {out}")
     return results

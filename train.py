@@ -3,13 +3,13 @@ import argparse
 import logging
 import os
 import sys
+from pathlib import Path
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
 import utils.dist as dist
-from base import BaseDataLoader
-from base.base_data_loader import make_datasets
+from base.base_data_loader import make_datasets, make_loader
 from base.base_metric import metric_object
 from logger import setup_logging
 from parse_config import ConfigParser, load_config_file
@@ -65,23 +65,13 @@ def _changed_on_resume(config, saved):
     return next((key for key in FIXED_ON_RESUME if get(config, key) != get(saved, key)), None)
 
 
-def run_root_of(path, checkpoint):
-    """The save_dir a checkpoint lies in (<save_dir>/models/<name>/<run_id>/<file>), so a resumed run
-    writes beside it; None (the config's save_dir) for a checkpoint that was moved out of its run."""
-    run_dir = path.resolve().parent
-    if (run_dir.name, run_dir.parent.name, run_dir.parent.parent.name) == (
-            checkpoint["run_id"], checkpoint["config"]["name"], "models"):
-        return run_dir.parents[2]
-    return None
-
-
 def build_config(args, registry):
     """The run's ConfigParser and the checkpoint to start from (None for a fresh run)."""
     checkpoint = path = None
     if args.auto_resume:
         config = ConfigParser(load_config_file(args.config), args.overrides, registry, run_id=args.run_id)
-        runs = config.save_root / "models" / config["name"]
-        path, checkpoint = latest_checkpoint(runs, args.run_id)
+        runs = Path(config["trainer"]["save_dir"]) / "models" / config["name"]
+        path, checkpoint = latest_checkpoint(runs, args.run_id, usable_by=int(os.environ.get("WORLD_SIZE", 1)))
         if checkpoint is None:
             return config, None, None
     elif args.resume:
@@ -89,11 +79,12 @@ def build_config(args, registry):
         checkpoint = load_checkpoint(path)
     if args.config and not args.auto_resume:  # a new run (fine-tuning from the checkpoint's weights if -r is given too)
         config = ConfigParser(load_config_file(args.config), args.overrides, registry, run_id=args.run_id)
-    else:  # continue the checkpoint's run, in its directories: <root>/models/<name>/<run_id>/<file>
-        if args.run_id and args.run_id != checkpoint["run_id"]:
-            raise ConfigError("--run-id: a resumed run keeps its id; use -c with -r to start a new run")
-        config = ConfigParser(checkpoint["config"], args.overrides, registry, run_id=checkpoint["run_id"],
-                              resume=True, run_root=run_root_of(path, checkpoint))
+    else:  # continue the run in the checkpoint's directory (a copied run continues in the copy)
+        run_dir = path.resolve().parent
+        if args.run_id and args.run_id != run_dir.name:
+            raise ConfigError(f"--run-id: a resumed run keeps its id ({run_dir.name}); use -c with -r to start a new run")
+        config = ConfigParser(checkpoint["config"], args.overrides, registry, run_id=run_dir.name, resume=True,
+                              run_dir=run_dir)
         changed = _changed_on_resume(config.config, checkpoint["config"])
         if changed:
             raise ConfigError(f"{changed}: a resumed run keeps its {', '.join(FIXED_ON_RESUME)} (as in its "
@@ -104,12 +95,11 @@ def build_config(args, registry):
 
 def setup_device(n_gpu, logger) -> torch.device:
     """Join torchrun's process group if launched by it; else pick one device for this process."""
-    if dist.launched_by_torchrun():
-        return dist.init_distributed(use_cuda=n_gpu > 0 and torch.cuda.is_available())
-    if n_gpu > 1 and torch.cuda.device_count() > 1:
+    device = dist.init_distributed(use_cuda=n_gpu > 0 and torch.cuda.is_available())
+    if device is None and n_gpu > 1 and torch.cuda.device_count() > 1:
         raise ConfigError(f"n_gpu: {n_gpu} GPUs take one process each; launch with: torchrun --standalone "
                           f"--nproc_per_node={min(n_gpu, torch.cuda.device_count())} train.py {' '.join(sys.argv[1:])}")
-    return prepare_device(n_gpu, logger)
+    return device or prepare_device(n_gpu, logger)
 
 
 def build_loss_and_metrics(config, device):
@@ -145,11 +135,7 @@ def run(args, config, checkpoint, checkpoint_path, device, logger):
         raise ConfigError(f"data_loader.dataset: the training split of {config['data_loader']['dataset']['type']} is empty")
     if datasets["valid"] is None and (config.monitor[1] or "").startswith("val_"):
         raise ConfigError(f"trainer.monitor: {config.monitor[1]} needs validation data, but the validation split is empty")
-    loader_args = dict(batch_size=config["data_loader"]["batch_size"], num_workers=config["data_loader"]["num_workers"],
-                       seed=config["seed"])
-    data_loader = BaseDataLoader(datasets["train"], shuffle=config["data_loader"]["shuffle"], **loader_args)
-    valid_data_loader = BaseDataLoader(datasets["valid"], even_shards=False, **loader_args) \
-        if datasets["valid"] is not None else None
+    data_loader, valid_data_loader = make_loader(config, datasets["train"], True), make_loader(config, datasets["valid"])
     logger.info("Data: %d training, %d validation samples", len(datasets["train"]),
                 len(datasets["valid"]) if datasets["valid"] is not None else 0)
     model = config.init_obj("arch")
@@ -176,10 +162,16 @@ def run(args, config, checkpoint, checkpoint_path, device, logger):
         trainer.dry_run(batches=2)
         return
 
-    if dist.is_main_process():
-        config.make_run_dirs(reuse=args.auto_resume)
-        setup_logging(config.log_dir, verbosity)
-    config.run_id = dist.broadcast_object(config.run_id)  # rank 0 may have added a suffix
+    lock = error = None
+    if dist.is_main_process():  # rank 0 creates, locks and logs to the run directory
+        try:
+            lock = config.make_run_dirs(reuse=args.auto_resume)
+            setup_logging(config.log_dir, verbosity)
+        except UserError as e:
+            error = str(e)
+    config.run_id, error = dist.gather_objects((config.run_id, error))[0]  # a suffix rank 0 added; its error
+    if error:
+        raise ConfigError(error)
     start = f"resumed from {checkpoint_path}" if config.resume else \
         f"fine-tuning from {checkpoint_path}" if checkpoint is not None else "from scratch"
     logger.info("Run %s (%s): checkpoints in %s, logs in %s", config.run_id, start, config.save_dir, config.log_dir)
@@ -193,7 +185,9 @@ def run(args, config, checkpoint, checkpoint_path, device, logger):
     except Exception:
         logger.exception("Training failed")  # a bug: keep the traceback in info.log
         raise
-
+    finally:
+        if lock is not None:
+            lock.close()  # releases the run
 
 if __name__ == "__main__":
     run_main(main)

@@ -28,18 +28,6 @@ LOADER_DEFAULTS = {
 }
 
 
-class Compose:
-    """Apply transforms in order to a whole sample (torchvision v2 transforms pass the labels through)."""
-
-    def __init__(self, transforms):
-        self.transforms = transforms
-
-    def __call__(self, sample):
-        for transform in self.transforms:
-            sample = transform(sample)
-        return sample
-
-
 class Transformed(Dataset):
     """`dataset` with `transform` applied to each sample. With a `seed` (training) it is indexed by (epoch, index),
     which seeds the transform's torch randomness: the same in a worker or the main process, resumed or not."""
@@ -87,12 +75,19 @@ def make_datasets(config) -> dict:
         if sets[phase] is None:  # in-memory tensors stay a TensorDataset, keeping the tensor-indexing fast path
             sets[phase] = TensorDataset(*(t[idx] for t in data.tensors)) if isinstance(data, TensorDataset) \
                 else Subset(data, idx.tolist())
-    train_tf = [config.init_obj(f"data_loader.train_transform.{i}") for i in range(len(cfg["train_transform"]))]
-    eval_tf = [config.init_obj(f"data_loader.eval_transform.{i}") for i in range(len(cfg["eval_transform"]))]
-    for phase, transforms in (("train", train_tf), ("valid", eval_tf), ("test", eval_tf)):
-        if transforms:
-            sets[phase] = Transformed(sets[phase], Compose(transforms), config["seed"] if phase == "train" else None)
+    for phase, key in (("train", "train_transform"), ("valid", "eval_transform"), ("test", "eval_transform")):
+        if cfg[key]:  # each transform gets the whole sample; torchvision v2 transforms pass labels through
+            from torchvision.transforms.v2 import Compose  # slow to import: only when needed
+            transform = Compose([config.init_obj(f"data_loader.{key}.{i}") for i in range(len(cfg[key]))])
+            sets[phase] = Transformed(sets[phase], transform, config["seed"] if phase == "train" else None)
     return {phase: ds if len(ds) else None for phase, ds in sets.items()}
+
+
+def make_loader(config, dataset, training=False):
+    """The BaseDataLoader of a split from make_datasets() (None for None): training's shuffles, per config."""
+    cfg = config["data_loader"]
+    return None if dataset is None else BaseDataLoader(
+        dataset, cfg["batch_size"], cfg["shuffle"] and training, cfg["num_workers"], config["seed"], even_shards=training)
 
 
 class EpochBatchSampler:

@@ -15,14 +15,16 @@ from logger import RunOutputs, image_batch, progress_bar
 from utils.checkpoint import load_model_state, position_of, save_checkpoint, supersede_after
 from utils.errors import CheckpointError, ConfigError, TrainingError
 from utils.preemption import Preempted, StopRequest
-from utils.util import get_rng_state, set_rng_state, to_device, unwrap_model
+from utils.util import get_rng_state, set_rng_state, to_device, unwrap_model, write_json
 
 NoneType = type(None)
+PREEMPTED = "preempted.json"  # in the run directory while the run is stopped by a signal
 # key: (default, allowed type(s), description). The README's config reference mirrors this table.
 TRAINER_DEFAULTS = {
     "epochs": (10, int, "epochs to train (>= 1)"),
     "save_dir": ("saved/", str, "root of the run outputs: <save_dir>/models and <save_dir>/log"),
-    "save_period": (1, int, "write checkpoint-epoch<N>.pth every this many epochs; the last epoch is always saved"),
+    "save_period": (1, int, "keep checkpoint-epoch<N>.pth of every this many epochs; the last epoch is always kept"),
+    "save_last": (True, bool, "also write every other epoch's checkpoint, each deleted when the next is written"),
     "verbosity": (2, int, "console log level of the template's loggers: 0 warnings, 1 info, 2 debug (per-step lines)"),
     "monitor": ("off", str, "'min METRIC', 'max METRIC' or 'off': picks model_best.pth, drives early stopping"),
     "early_stop": (0, int, "stop after this many consecutive epochs without improvement; 0 = never"),
@@ -64,7 +66,7 @@ class BaseTrainer:
         self.batches_per_epoch = cfg["len_epoch"] * cfg["accumulate_steps"] if cfg["len_epoch"] else \
             len(data_loader or ())
         self.distributed, self.stop_request = dist.is_distributed(), StopRequest()
-        self.outputs = self.images = None
+        self.outputs = self.images = self.rolling = None  # rolling: the last epoch's checkpoint, if not kept
         # Run state (all of it in state_dict()): last finished epoch, optimizer steps taken, batches of
         # epoch + 1 done (non-zero only mid-epoch), the monitor's best and its early-stop counter.
         self.epoch = self.global_step = self.batches_done = 0
@@ -92,28 +94,34 @@ class BaseTrainer:
     def load_state_dict(self, checkpoint: dict, path) -> None:
         """Restore everything state_dict() saved, from a checkpoint loaded by utils.checkpoint."""
         load_model_state(unwrap_model(self.model), checkpoint, path)
-        self.optimizer.load_state_dict(checkpoint["optimizer"])
         if (checkpoint["lr_scheduler"] is None) != (self.lr_scheduler is None):
             raise ConfigError(f"{path}: lr_scheduler differs from the one the checkpoint was trained with")
-        if self.lr_scheduler is not None:
-            self.lr_scheduler.load_state_dict(checkpoint["lr_scheduler"])
-        if checkpoint["scaler"]:
-            self.scaler.load_state_dict(checkpoint["scaler"])
+        saved_by, world = len(checkpoint["rng"]), dist.world_size()
         t = checkpoint["trainer"]
+        if t["batches_done"] and saved_by != world:
+            raise CheckpointError(f"{path}: this mid-epoch checkpoint was saved by {saved_by} process(es); resume "
+                                  "it with as many, or resume an end-of-epoch checkpoint")
+        try:  # the structure was checked on loading; what does not fit this run's objects fails here
+            self.optimizer.load_state_dict(checkpoint["optimizer"])
+            if self.lr_scheduler is not None:
+                self.lr_scheduler.load_state_dict(checkpoint["lr_scheduler"])
+            if checkpoint["scaler"]:
+                self.scaler.load_state_dict(checkpoint["scaler"])
+            if t["batches_done"]:
+                self.metrics.load_state_dict(checkpoint["metrics"][dist.rank()], self.device)
+            if saved_by == world:
+                set_rng_state(checkpoint["rng"][dist.rank()])
+        except (KeyError, TypeError, ValueError, RuntimeError, IndexError, AttributeError) as e:
+            raise CheckpointError(f"{path}: its optimizer, scheduler, scaler, metric or RNG state does not fit "
+                                  f"this run ({type(e).__name__}: {str(e)[:200]})") from None
         self.epoch, self.global_step, self.batches_done = t["epoch"], t["global_step"], t["batches_done"]
         self.mnt_best, self.not_improved_count = t["monitor_best"], t["not_improved_count"]
-        if self.batches_done:
-            if len(checkpoint["metrics"]) != dist.world_size():
-                raise CheckpointError(f"{path}: this mid-epoch checkpoint was saved by {len(checkpoint['metrics'])} "
-                                      "processes; resume it with as many, or resume an end-of-epoch checkpoint")
-            self.metrics.load_state_dict(checkpoint["metrics"][dist.rank()], self.device)
         self.resumed_at = position_of(checkpoint)
-        if len(checkpoint["rng"]) == dist.world_size():
-            set_rng_state(checkpoint["rng"][dist.rank()])
-        else:
-            self.logger.warning("%s was saved by %d processes, this run has %d: RNG states not restored, "
-                                "so the run continues correctly but not bitwise as it would have.",
-                                path, len(checkpoint["rng"]), dist.world_size())
+        if saved_by != world and dist.is_main_process():
+            self.logger.warning("%s was saved by %d process(es), this run has %d: the global batch changes from %d "
+                                "to %d samples, and RNG states are not restored (the run goes on correctly, but "
+                                "not bitwise as it would have).", path, saved_by, world,
+                                saved_by * self.config["data_loader"]["batch_size"], world * self.config["data_loader"]["batch_size"])
         self.logger.info("Resumed from %s: epoch %d, step %d.", path, self.epoch, self.global_step)
 
     def train(self):
@@ -121,12 +129,17 @@ class BaseTrainer:
         if dist.is_main_process():  # only rank 0 writes
             if self.config.resume:  # forget what was logged and saved after the resumed checkpoint
                 for moved in supersede_after(self.config.save_dir, self.resumed_at):
-                    self.logger.info("Moved %s, saved after the resumed checkpoint, to superseded/", moved.name)
-            self.outputs = RunOutputs(self.config.log_dir, self.cfg["tensorboard"],
-                                      (self.epoch, self.global_step) if self.config.resume else None)
+                    self.logger.info("Moved %s, saved after the resumed checkpoint, to %s", moved.name,
+                                     moved.parent.relative_to(self.config.save_dir))
+            (self.config.save_dir / PREEMPTED).unlink(missing_ok=True)
+            # also for a fresh run: --auto-resume restarting a run that crashed before its first checkpoint
+            self.outputs = RunOutputs(self.config.log_dir, self.cfg["tensorboard"], (self.epoch, self.global_step))
         try:
             with self.stop_request:
                 self._train_epochs()
+        except OSError as e:  # e.g. a full disk while writing a checkpoint or a log
+            raise TrainingError(f"{e.filename or 'run output'}: {e.strerror or e}; the checkpoints saved before "
+                                "are intact") from None
         finally:
             if self.outputs is not None:
                 self.outputs.close()
@@ -161,8 +174,11 @@ class BaseTrainer:
                 self.outputs.write_epoch({"epoch": epoch, **log}, self.global_step, self.images)
             stop = self._stopped_early()
             preempted = dist.any_process(self.stop_request.signum is not None, self.device)
-            periodic = epoch % self.cfg["save_period"] == 0 or epoch == self.cfg["epochs"] or stop or preempted
-            path = self._save_checkpoint(periodic=periodic, best=improved)
+            keep = epoch % self.cfg["save_period"] == 0 or epoch == self.cfg["epochs"] or stop or preempted
+            path = self._save_checkpoint(periodic=keep or self.cfg["save_last"], best=improved)
+            if self.rolling is not None and dist.is_main_process():  # the newest epoch's replaces the rolling one
+                self.rolling.unlink(missing_ok=True)
+            self.rolling = path if not keep and self.cfg["save_last"] else None
             if stop:
                 self.logger.info("%s did not improve for %d epochs: training stops.",
                                  self.mnt_metric, self.not_improved_count)
@@ -227,7 +243,7 @@ class BaseTrainer:
             bar.set_postfix_str(f"loss={running:.4f}", refresh=False)
             self.logger.debug("Train epoch %d [%d/%d] loss: %.6f", epoch, self.batches_done, n_batches, step_loss)
             if self.outputs is not None:
-                self.outputs.write_step({"loss": step_loss}, self.global_step)
+                self.outputs.write_scalars("train_step", {"loss": step_loss}, self.global_step)
         stop = self.stop_request.signum is not None
         if self.distributed:  # the processes must stop at the same step: they agree every log_step steps
             stop = log_now and dist.any_process(stop, self.device)
@@ -293,7 +309,11 @@ class BaseTrainer:
         return path
 
     def _preempted(self, path):
+        """Raise Preempted, after leaving <run>/preempted.json: torchrun exits 1 for a preemption as for a
+        crash, so a job script tells them apart by this file (removed when the run resumes)."""
         signum = self.stop_request.signum or signal.SIGTERM  # under torchrun another rank may have got it
-        self.logger.warning("Stopped by %s after step %d; saved %s. Resume with: python train.py -r %s",
-                            signal.Signals(signum).name, self.global_step, path.name, path)
+        if dist.is_main_process():
+            write_json({"signal": signal.Signals(signum).name, "checkpoint": str(path)}, self.config.save_dir / PREEMPTED)
+            self.logger.warning("Stopped by %s after step %d; saved %s. Resume with: python train.py -r %s",
+                                signal.Signals(signum).name, self.global_step, path.name, path)
         raise Preempted(signum, path)

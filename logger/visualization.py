@@ -15,32 +15,11 @@ def image_batch(batch):
     return first if torch.is_tensor(first) and first.dim() == 4 and first.shape[1] in (1, 3, 4) else None
 
 
-class TensorboardWriter:
-    """A thin SummaryWriter for a run's log directory. Every scalar uses the global optimizer step
-    as its x axis, so a resumed run can purge what came after its checkpoint (purge_step)."""
-
-    def __init__(self, log_dir, purge_step=None):
-        from torch.utils.tensorboard import SummaryWriter  # slow to import: only when enabled
-        self.writer = SummaryWriter(str(log_dir), purge_step=purge_step)
-
-    def add_scalars(self, prefix, values: dict, step: int):
-        for key, value in values.items():
-            self.writer.add_scalar(f"{prefix}/{key}", value, step)
-
-    def add_images(self, tag, images, step: int):
-        """A grid of the first 16 images of a NCHW batch, each scaled to [0, 1]."""
-        images = images[:16].detach().float().cpu()
-        low, high = images.amin(dim=(1, 2, 3), keepdim=True), images.amax(dim=(1, 2, 3), keepdim=True)
-        self.writer.add_images(tag, (images - low) / (high - low).clamp_min(1e-8), step)
-
-    def close(self):
-        self.writer.close()
-
-
 class MetricsCSV:
     """metrics.csv: one row per epoch, appended after the epoch and before its checkpoint. A resumed run first
-    rewrites it atomically without the rows after its checkpoint's epoch, which also drops a row a crash cut
-    short. (Rows are not fsync'ed: a power cut may lose the last ones; a resume relies on the checkpoints.)"""
+    rewrites it atomically without the rows after its checkpoint's epoch, and without what a crash left: a
+    row cut short, or the NUL bytes of a tail that never reached the disk. (Rows are not fsync'ed: a power
+    cut may lose the last ones; a resume relies on the checkpoints.)"""
 
     def __init__(self, path):
         self.path = Path(path)
@@ -48,11 +27,14 @@ class MetricsCSV:
     def rows(self):
         if not self.path.is_file():
             return []
-        with open(self.path, newline="") as f:
-            return list(csv.DictReader(f))
+        rows = csv.DictReader(io.StringIO(self.path.read_text(errors="replace").replace("\0", ""), newline=""))
+        return [r for r in rows if (r.get("epoch") or "").isdigit() and None not in r and None not in r.values()]
 
     def truncate(self, last_epoch: int):
-        self._write([r for r in self.rows() if int(r["epoch"]) <= last_epoch])
+        for stale in self.path.parent.glob(f".{self.path.name}.*.tmp"):  # a rewrite cut short
+            stale.unlink()
+        if self.path.is_file():
+            self._write([r for r in self.rows() if int(r["epoch"]) <= last_epoch])
 
     def append(self, row: dict):
         if self._header() != list(row):  # new file, or new columns: rewrite it whole
@@ -75,25 +57,31 @@ class MetricsCSV:
 
 
 class RunOutputs:
-    """metrics.csv and TensorBoard of a run. `resumed_at` (epoch, step): drop what was logged after it."""
+    """metrics.csv and TensorBoard of a run. `resumed_at` (epoch, step): drop what was logged after it.
+    Every scalar uses the global optimizer step as its x axis, so TensorBoard's purge_step can do that."""
 
     def __init__(self, log_dir, tensorboard: bool, resumed_at=None):
         self.csv = MetricsCSV(Path(log_dir) / "metrics.csv")
         if resumed_at is not None:
             self.csv.truncate(resumed_at[0])
-        self.writer = TensorboardWriter(log_dir, resumed_at[1] + 1 if resumed_at else None) if tensorboard else None
+        self.writer = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter  # slow to import: only when enabled
+            logged = resumed_at is not None and any(Path(log_dir).glob("events.out.tfevents.*"))
+            self.writer = SummaryWriter(str(log_dir), purge_step=resumed_at[1] + 1 if logged else None)
 
     def write_epoch(self, log: dict, step: int, images=None):
         self.csv.append(log)
-        if self.writer is not None:
-            self.writer.add_scalars("train", {k: v for k, v in log.items() if k[:4] != "val_" and k != "epoch"}, step)
-            self.writer.add_scalars("valid", {k[4:]: v for k, v in log.items() if k[:4] == "val_"}, step)
-            if images is not None:
-                self.writer.add_images("train/input", images, step)
+        self.write_scalars("train", {k: v for k, v in log.items() if k[:4] != "val_" and k != "epoch"}, step)
+        self.write_scalars("valid", {k[4:]: v for k, v in log.items() if k[:4] == "val_"}, step)
+        if self.writer is not None and images is not None:  # the first 16, each scaled to [0, 1]
+            images = images[:16].detach().float().cpu()
+            low, high = images.amin(dim=(1, 2, 3), keepdim=True), images.amax(dim=(1, 2, 3), keepdim=True)
+            self.writer.add_images("train/input", (images - low) / (high - low).clamp_min(1e-8), step)
 
-    def write_step(self, values: dict, step: int):
-        if self.writer is not None:
-            self.writer.add_scalars("train_step", values, step)
+    def write_scalars(self, prefix, values: dict, step: int):
+        for key, value in values.items() if self.writer is not None else ():
+            self.writer.add_scalar(f"{prefix}/{key}", value, step)
 
     def close(self):
         if self.writer is not None:

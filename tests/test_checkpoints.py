@@ -87,8 +87,10 @@ def test_resume_from_checkpoint_file_on_the_command_line(tmp_path, straight):
     dirs_before = dirs(tmp_path / "saved")
     assert_ok(run_train("-r", run.model_dir / "checkpoint-epoch1.pth", "trainer.epochs=4"))
 
-    assert dirs(tmp_path / "saved") == dirs_before | {"models/Digits_CNN/a/superseded"}
-    assert [p.name for p in (run.model_dir / "superseded").iterdir()] == ["checkpoint-epoch2.pth"]
+    (moved_to,) = (run.model_dir / "superseded").iterdir()  # one folder per resume that set files aside
+    assert dirs(tmp_path / "saved") == dirs_before | {"models/Digits_CNN/a/superseded",
+                                                      f"models/Digits_CNN/a/superseded/{moved_to.name}"}
+    assert [p.name for p in moved_to.iterdir()] == ["checkpoint-epoch2.pth"]
     assert [int(r["epoch"]) for r in run.metrics()] == [1, 2, 3, 4]
     assert without_time(run.metrics()) == without_time(straight.metrics())
     assert run.pth_files() - {"model_best.pth"} == {f"checkpoint-epoch{e}.pth" for e in (1, 2, 3, 4)}

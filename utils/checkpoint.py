@@ -4,15 +4,18 @@ import io
 import pickle
 import re
 import zipfile
+from datetime import datetime
 from pathlib import Path
 
 import torch
 
-from utils.errors import CheckpointError
-from utils.util import atomic_write_bytes
+from utils.config_file import check_size
+from utils.errors import CheckpointError, ConfigError
+from utils.util import atomic_write_bytes, claim_dir
 
 CHECKPOINT_KEYS = {"arch", "epoch", "run_id", "model", "optimizer", "lr_scheduler", "trainer", "scaler", "metrics",
                    "rng", "config"}
+TRAINER_KEYS = {"epoch", "global_step", "batches_done", "monitor_best", "not_improved_count"}
 _NAME = re.compile(r"checkpoint-epoch(\d+)(?:-step(\d+))?\.pth$")
 
 
@@ -28,15 +31,17 @@ def position_of(checkpoint: dict):
 
 
 def supersede_after(run_dir, position) -> list:
-    """Move the run's checkpoints that lie after `position` into <run_dir>/superseded/: a run resumed
-    from an earlier point must not later resume (or prune) onto the future it abandoned."""
+    """Move the run's checkpoints that lie after `position` into a new <run_dir>/superseded/<time>/: a run
+    resumed from an earlier point must not later resume (or prune) onto the future it abandoned, and
+    a second such resume must not overwrite what the first one set aside."""
     for stale in Path(run_dir).glob(".*.tmp"):  # a save cut short by a crash
         stale.unlink()
     later = [p for p in list_checkpoints(run_dir) if _position(p) > position]
-    for path in later:
-        (Path(run_dir) / "superseded").mkdir(exist_ok=True)
-        path.replace(Path(run_dir) / "superseded" / path.name)
-    return later
+    if not later:
+        return []
+    (Path(run_dir) / "superseded").mkdir(exist_ok=True)
+    folder = claim_dir(Path(run_dir) / "superseded" / datetime.now().strftime("%Y%m%d_%H%M%S"))
+    return [path.replace(folder / path.name) for path in later]  # the paths they now have
 
 
 def list_checkpoints(run_dir) -> list:
@@ -57,17 +62,20 @@ def find_checkpoint(path) -> Path:
     return path
 
 
-def latest_checkpoint(runs_dir, run_id=None):
-    """(path, checkpoint) of the newest loadable checkpoint of run `run_id`, or of the run most
-    recently saved to, under `runs_dir` (<save_dir>/models/<name>); (None, None) when there is none."""
+def latest_checkpoint(runs_dir, run_id=None, usable_by=1):
+    """(path, checkpoint) of the newest checkpoint of run `run_id`, or of the run most recently saved to,
+    under `runs_dir` (<save_dir>/models/<name>), that loads and that `usable_by` processes can resume
+    (a mid-epoch one needs as many as saved it); (None, None) when there is none."""
     dirs = [Path(runs_dir) / run_id] if run_id else [d for d in Path(runs_dir).glob("*") if d.is_dir()]
     runs = [found for found in map(list_checkpoints, dirs) if found]
     newest_run = max(runs, key=lambda found: max(p.stat().st_mtime_ns for p in found), default=[])
     for path in reversed(newest_run):
         try:
-            return path, load_checkpoint(path)
+            checkpoint = load_checkpoint(path)
         except CheckpointError:
             continue  # unreadable: fall back to the one before
+        if not checkpoint["trainer"]["batches_done"] or len(checkpoint["metrics"]) == usable_by:
+            return path, checkpoint
     return None, None
 
 
@@ -89,7 +97,50 @@ def load_checkpoint(path) -> dict:
     missing = sorted(CHECKPOINT_KEYS - set(checkpoint if isinstance(checkpoint, dict) else ()))
     if missing:
         raise CheckpointError(f"{path}: not a checkpoint of this template (missing {', '.join(missing)})")
+    fault = _structure_fault(checkpoint)
+    if fault:
+        raise CheckpointError(f"{path}: malformed checkpoint: {fault}")
     return checkpoint
+
+
+def _structure_fault(c) -> str:
+    """What is wrong with a loaded checkpoint's structure ("" if nothing), checked before any of it is
+    used: a file that loads with weights_only can still hold any plain data."""
+    def count(v):
+        return type(v) is int and 0 <= v < 2**62
+    t, runs = c["trainer"], c["rng"]
+    try:
+        check_size(c["config"], "config")
+    except ConfigError as e:
+        return str(e)
+    faults = {
+        "run_id is not a run name": not (isinstance(c["run_id"], str) and 0 < len(c["run_id"]) <= 200),
+        "arch is not a name": not isinstance(c["arch"], str),
+        "config is not a mapping": not isinstance(c["config"], dict),
+        f"trainer must hold exactly {', '.join(TRAINER_KEYS)}": not (isinstance(t, dict) and set(t) == TRAINER_KEYS),
+    }
+    if not any(faults.values()):
+        epochs = c["config"].get("trainer", {}).get("epochs", 10**9) if isinstance(c["config"].get("trainer"), dict) \
+            else 10**9
+        faults.update({
+            "trainer counters must be integers >= 0": not all(count(t[k]) for k in TRAINER_KEYS - {"monitor_best"}),
+            "trainer.monitor_best is not a number": type(t["monitor_best"]) not in (int, float),
+            "epoch does not match trainer.epoch": c["epoch"] != t["epoch"] + (1 if t["batches_done"] else 0),
+            "trainer.epoch is past the run's trainer.epochs": count(epochs) and t["epoch"] > epochs,
+            "model is not a state_dict of tensors": not (isinstance(c["model"], dict) and all(
+                isinstance(k, str) and torch.is_tensor(v) for k, v in c["model"].items())),
+            "optimizer is not an optimizer state_dict": not (isinstance(c["optimizer"], dict) and isinstance(
+                c["optimizer"].get("state"), dict) and isinstance(c["optimizer"].get("param_groups"), list)),
+            "lr_scheduler is not a state_dict or null": not isinstance(c["lr_scheduler"], (dict, type(None))),
+            "scaler is not a state_dict": not isinstance(c["scaler"], dict),
+            "rng is not a list of per-process RNG states": not (isinstance(runs, list) and runs and all(
+                isinstance(r, dict) and set(r) == {"python", "numpy", "torch", "cuda"} for r in runs)),
+            "metrics must be null at an epoch's end, else one {name: sums} per process": not (
+                c["metrics"] is None if not t["batches_done"] else isinstance(c["metrics"], list) and all(
+                    isinstance(m, dict) and all(v is None or torch.is_tensor(v) for v in m.values())
+                    for m in c["metrics"]) and len(c["metrics"]) == len(runs)),
+        })
+    return next((fault for fault, bad in faults.items() if bad), "")
 
 
 def load_model_state(model, checkpoint, path) -> None:

@@ -6,39 +6,68 @@ from pathlib import Path
 from utils.errors import ConfigError
 
 
+MAX_BYTES, MAX_VALUES = 1_000_000, 100_000  # far beyond any real config; bounds what a hostile file costs
+
+
 def load_config_file(path):
     """Parse a .json, .yaml or .yml file into a dict; errors name the file, line and column."""
     path = Path(path)
     try:
-        text = path.read_text()
+        with open(path, "rb") as f:
+            data = f.read(MAX_BYTES + 1)  # bounded: `-c /dev/zero` must not fill the memory
+        text = data.decode("utf-8")
     except OSError as e:
         raise ConfigError(f"cannot read config {path}: {e.strerror}") from None
-    if path.suffix in (".yaml", ".yml"):
-        import yaml  # only YAML configs need it
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            at = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
-            raise ConfigError(f"{path}{at}: invalid YAML: {getattr(e, 'problem', None) or e}") from None
-    else:
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path}:{e.lineno}:{e.colno}: invalid JSON: {e.msg}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start})") from None
+    if len(data) > MAX_BYTES:
+        raise ConfigError(f"{path}: larger than {MAX_BYTES} bytes; not a config")
+    try:
+        if path.suffix in (".yaml", ".yml"):
+            import yaml  # only YAML configs need it
+            try:
+                data = yaml.safe_load(text)
+            except yaml.YAMLError as e:
+                mark = getattr(e, "problem_mark", None)
+                at = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
+                raise ConfigError(f"{path}{at}: invalid YAML: {str(getattr(e, 'problem', None) or e)[:200]}") from None
+        else:
+            try:
+                data = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"{path}:{e.lineno}:{e.colno}: invalid JSON: {e.msg}") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: nested too deeply; not a config") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the config must be a mapping of keys to values")
+    check_size(data, str(path))
     return data
+
+
+def check_size(data, at):
+    """ConfigError unless `data` holds at most MAX_VALUES values and MAX_BYTES characters of strings, counting
+    a shared reference (a YAML alias) each time it is reached: what later code walks or quotes stays small."""
+    stack, values, chars = [data], 0, 0
+    while stack:
+        node = stack.pop()
+        values += 1
+        chars += len(node) if isinstance(node, str) else 0
+        if values > MAX_VALUES or chars > MAX_BYTES:
+            raise ConfigError(f"{at}: more than {MAX_VALUES} values or {MAX_BYTES} characters; not a config")
+        if isinstance(node, dict):
+            stack += [*node.keys(), *node.values()]
+        elif isinstance(node, (list, tuple)):
+            stack += node
 
 
 def apply_override(config, item, params):
     """Apply one `KEY.PATH=VALUE` (value read as JSON, else as a string); `+KEY.PATH=VALUE` adds a key."""
     if "=" not in item:
-        raise ConfigError(f"override {item!r}: expected KEY.PATH=VALUE")
+        raise ConfigError(f"override {item[:80]!r}: expected KEY.PATH=VALUE")
     key, raw = item.split("=", 1)
     add, path = key.startswith("+"), key.lstrip("+").split(".")
     if not all(path):
-        raise ConfigError(f"override {item!r}: empty key in {key!r}")
+        raise ConfigError(f"override {item[:80]!r}: empty key in {key[:80]!r}")
     try:
         value = json.loads(raw)
     except json.JSONDecodeError:
@@ -67,7 +96,7 @@ def _unknown_key(config, path, item):
             yield from key_paths(v, prefix + k + ".")
     close = difflib.get_close_matches(".".join(path), list(key_paths(config)), n=3, cutoff=0.6)
     hint = f"; did you mean {' or '.join(close)}?" if close else ""
-    raise ConfigError(f"override {item!r}: no key {'.'.join(path)!r} in the config{hint} "
+    raise ConfigError(f"override {item[:80]!r}: no key {'.'.join(path)[:80]!r} in the config{hint} "
                       "(prefix with + to add a new key)")
 
 

@@ -6,12 +6,11 @@ import torch
 import torch.distributed as dist
 
 
-def launched_by_torchrun() -> bool:
-    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
-
-
-def init_distributed(use_cuda: bool) -> torch.device:
-    """Join the process group torchrun set up (NCCL on GPUs, gloo on the CPU); the device to use."""
+def init_distributed(use_cuda: bool):
+    """Join the process group torchrun set up (NCCL on GPUs, gloo on the CPU): the device to use;
+    None when not launched by torchrun."""
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return None
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if use_cuda:
         torch.cuda.set_device(local_rank)
@@ -35,10 +34,10 @@ def is_main_process() -> bool:
     return rank() == 0
 
 
-def all_reduce(tensor: torch.Tensor, op="sum") -> torch.Tensor:
-    """Sum (or max) `tensor` over all processes, in place."""
+def all_reduce(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum `tensor` over all processes, in place."""
     if is_distributed():
-        dist.all_reduce(tensor, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+        dist.all_reduce(tensor)
     return tensor
 
 
@@ -51,14 +50,6 @@ def broadcast_buffers(module) -> None:
     """Rank 0's buffers (e.g. BatchNorm running statistics) in `module` on every process."""
     for buffer in module.buffers() if is_distributed() else ():
         dist.broadcast(buffer, src=0)
-
-
-def broadcast_object(obj):
-    """Rank 0's `obj` on every process."""
-    box = [obj]
-    if is_distributed():
-        dist.broadcast_object_list(box, src=0)
-    return box[0]
 
 
 def gather_objects(obj) -> list:

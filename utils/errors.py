@@ -31,7 +31,8 @@ def run_main(main, argv=None):
     try:
         return main(argv)
     except (UserError, TrainingError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        text = " ".join(str(e).split())  # one line, of bounded length, whatever the message quotes
+        print(f"error: {text[:1000]}{'...' if len(text) > 1000 else ''}", file=sys.stderr)
         status = 2 if isinstance(e, UserError) else 1
     except KeyboardInterrupt:
         status = 130

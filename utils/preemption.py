@@ -15,15 +15,17 @@ class Preempted(Exception):
 
 class StopRequest:
     """While active, the first SIGTERM or SIGINT only sets `signum`, which the Trainer polls between
-    steps (it finishes the step and saves the exact position); a second exits at once (128 + signum)."""
+    steps (it finishes the step and saves the exact position); a second SIGINT exits at once (130)."""
 
     def __init__(self):
         self.signum, self._previous = None, {}
 
     def _handle(self, signum, frame):
-        if self.signum is not None:
+        # A second Ctrl-C means "now"; a repeated SIGTERM does not: a cluster scheduler signals every
+        # process and torchrun forwards its own SIGTERM a moment later. The hard stop is SIGKILL.
+        if self.signum is not None and signum == signal.SIGINT:
             raise SystemExit(128 + signum)
-        self.signum = signum
+        self.signum = self.signum or signum
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():  # signals reach only the main thread

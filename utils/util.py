@@ -1,4 +1,5 @@
 """Small helpers with side effects, kept in one place: files, RNG state, devices, batches."""
+import itertools
 import json
 import os
 import random
@@ -15,6 +16,9 @@ def atomic_write_bytes(data: bytes, path) -> None:
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        umask = os.umask(0o022)  # mkstemp makes the file private (0600); outputs follow the umask instead,
+        os.umask(umask)  # so a save_dir shared by a team stays readable to it
+        os.fchmod(fd, 0o666 & ~umask)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -28,6 +32,18 @@ def atomic_write_bytes(data: bytes, path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def claim_dir(path: Path, numbered=True) -> Path:
+    """Create `path` (or, if it exists and `numbered`, <path>_1, <path>_2, ...) exclusively; the one created."""
+    for n in itertools.count():
+        candidate = path.with_name(f"{path.name}_{n}") if n else path
+        try:
+            candidate.mkdir()
+            return candidate
+        except FileExistsError:
+            if not numbered:
+                raise
 
 
 def atomic_write_text(text: str, path) -> None:
