@@ -4,11 +4,9 @@ Precedence: command-line overrides > the config file (or a resumed checkpoint's 
 Parsing has no side effects (make_run_dirs() creates the run's directories). The programs hand the
 parser a Registry (utils/registry.py): the only names it may build."""
 import copy
-import fcntl
 import functools
 import inspect
 import json
-import os
 from datetime import datetime
 from pathlib import Path
 
@@ -19,7 +17,7 @@ from base.base_metric import snake_case
 from base.base_trainer import TRAINER_DEFAULTS
 from utils.config_file import apply_override, check_keys, check_type, get_path, load_config_file, where  # noqa: F401
 from utils.errors import REQUIRED, ConfigError, DataError
-from utils.util import claim_dir, write_json
+from utils.util import claim_dir, lock_dir, write_json
 
 # key: (default, allowed type(s), description). The README's config reference mirrors these tables.
 TOP_LEVEL = {
@@ -134,8 +132,6 @@ class ConfigParser:
         """What each metric is called in logs and trainer.monitor: its "name", else its snake_case name."""
         return [m.get("name") or snake_case(m["type"].rpartition(".")[2]) for m in map(spec_of, self.config["metrics"])]
 
-    # ---- overrides and validation ---------------------------------------------------------------
-
     def _params(self, path):
         """Constructor parameters of what the spec at `path` names (settable by override without +)."""
         try:
@@ -216,8 +212,6 @@ class ConfigParser:
             raise ConfigError(f"{where(path)}.args: {e} (signature: {value['type']}{signature})") from None
         return obj
 
-    # ---- building -------------------------------------------------------------------------------
-
     def init_obj(self, path, *args, **kwargs):
         """Build the spec at `path`: type(*args, **config args, **kwargs). Runtime objects (model
         parameters, the optimizer) come in through args / kwargs, never through the config."""
@@ -232,12 +226,11 @@ class ConfigParser:
             raise ConfigError(f"{where(path)}.args: {spec['type']} rejected {json.dumps(spec['args'])[:200]}: "
                               f"{str(e)[:300]}") from None
         except (OSError, RuntimeError) as e:  # a dataset's missing files, a failed download
-            if not path.startswith("data_loader"):
-                if isinstance(e, RuntimeError):
-                    raise
-                raise ConfigError(f"{where(path)}: {spec['type']} failed: {str(e).strip()[:300]}") from None
-            raise DataError(f"{where(path)}: {spec['type']} failed: {str(e).strip()[:300]}{_files_hint(obj, spec)}") \
-                from None
+            data = path.startswith("data_loader")
+            if isinstance(e, RuntimeError) and not data:
+                raise
+            raise (DataError if data else ConfigError)(
+                f"{where(path)}: {spec['type']} failed: {str(e).strip()[:300]}{_files_hint(obj, spec)}") from None
 
     def init_ftn(self, path):
         """A loss or metric: a class is instantiated with its args; a function gets them bound."""
@@ -246,8 +239,6 @@ class ConfigParser:
             return self.init_obj(path)
         args = spec_of(get_path(self.config, path))["args"]
         return functools.partial(obj, **args) if args else obj
-
-    # ---- run directories ------------------------------------------------------------------------
 
     @property
     def save_dir(self) -> Path:
@@ -264,11 +255,10 @@ class ConfigParser:
             else run / "log"
 
     def make_run_dirs(self, reuse=False):
-        """Create the run's directories, lock the run and write the resolved config there; the lock (a
-        file to close when the run ends). A new run claims its directory with an exclusive mkdir: an id
-        taken in the same second gets a suffix, a taken --run-id is an error (unless `reuse`:
-        --auto-resume restarting a run with no checkpoint). The lock keeps a second process from
-        training into the same run (two --auto-resume jobs); it ends with the process."""
+        """Create the run's directories, lock the run (a second process training it is refused) and write
+        the resolved config there; the lock, a file to close when the run ends. A new run claims its
+        directory with an exclusive mkdir: an id taken in the same second gets a suffix, a taken --run-id
+        is an error (unless `reuse`: --auto-resume restarting a run with no checkpoint)."""
         claimed = None
         try:
             if not self.resume and not reuse:
@@ -281,23 +271,14 @@ class ConfigParser:
                 self.run_id = claimed.name
             self.save_dir.mkdir(parents=True, exist_ok=True)
             self.log_dir.mkdir(parents=True, exist_ok=True)
-            lock = open(self.save_dir / ".lock", "a+")
+            lock, owner = lock_dir(self.save_dir)
         except OSError as e:
             if claimed is not None:
                 claimed.rmdir()  # leave no empty run behind to block this --run-id
-            raise ConfigError(f"trainer.save_dir: cannot create the run's directories ({e.filename}): "
-                              f"{e.strerror}") from None
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            lock.seek(0)
-            owner = lock.read().strip()[:20]
-            lock.close()
+            raise ConfigError(f"trainer.save_dir: cannot create {e.filename}: {e.strerror}") from None
+        if lock is None:
             raise ConfigError(f"{self.save_dir}: this run is being trained by another process (pid {owner}); "
-                              "wait for it to end, or resume into another run with -c CONFIG -r CHECKPOINT") from None
-        lock.truncate(0)
-        lock.write(str(os.getpid()))
-        lock.flush()
+                              "wait for it to end, or resume into another run with -c CONFIG -r CHECKPOINT")
         write_json(self.config, self.save_dir / "config.json")
         return lock
 

@@ -111,6 +111,17 @@ def build_loss_and_metrics(config, device):
     return criterion, {name: metric_object(config.init_ftn(f"metrics.{i}")) for i, name in enumerate(config.metric_names)}
 
 
+def dry_run(trainer, batches):
+    """Train `batches` batches from the start of the next epoch (even when resuming mid-epoch) and validate on
+    `batches` batches; write nothing."""
+    trainer.cfg = {**trainer.cfg, "save_every_steps": 0}  # no checkpoints: a dry run has no run directory
+    trainer.batches_done = 0
+    trainer.logger.info("dry run: %d training batches: %s", batches, trainer.train_epoch(trainer.epoch + 1, batches)[0])
+    if trainer.valid_data_loader is not None:
+        trainer.logger.info("dry run: %d validation batches: %s", batches,
+                            trainer.evaluate(trainer.valid_data_loader, max_batches=batches))
+
+
 def main(argv=None):
     args = parse_args(argv)
     if args.device:
@@ -159,7 +170,7 @@ def run(args, config, checkpoint, checkpoint_path, device, logger):
         trainer.load_state_dict(checkpoint, checkpoint_path)
 
     if args.dry_run:
-        trainer.dry_run(batches=2)
+        dry_run(trainer, batches=2)
         return
 
     lock = error = None
@@ -179,6 +190,11 @@ def run(args, config, checkpoint, checkpoint_path, device, logger):
         trainer.train()
     except Preempted as e:
         sys.exit(128 + e.signum)
+    except OSError as e:  # e.g. a full disk while writing a checkpoint or a log
+        error = TrainingError(f"{e.filename or 'run output'}: {e.strerror or e}; the checkpoints saved before "
+                              "are intact")
+        logger.error("error: %s", error)
+        raise error from None
     except (TrainingError, UserError) as e:  # e.g. a non-finite loss, or a DataError found while iterating
         logger.error("error: %s", e)  # one line, also in info.log; run_main prints it and exits
         raise

@@ -6,19 +6,19 @@ import logging
 import math
 import signal
 import time
+from pathlib import Path
 
 import torch
 
 import utils.dist as dist
 from base.base_metric import MetricTracker, batch_size
 from logger import RunOutputs, image_batch, progress_bar
-from utils.checkpoint import load_model_state, position_of, save_checkpoint, supersede_after
+from utils.checkpoint import check_resumable, load_model_state, position_of, save_checkpoint, supersede_after
 from utils.errors import CheckpointError, ConfigError, TrainingError
-from utils.preemption import Preempted, StopRequest
+from utils.preemption import PREEMPTED, Preempted, StopRequest
 from utils.util import get_rng_state, set_rng_state, to_device, unwrap_model, write_json
 
 NoneType = type(None)
-PREEMPTED = "preempted.json"  # in the run directory while the run is stopped by a signal
 # key: (default, allowed type(s), description). The README's config reference mirrors this table.
 TRAINER_DEFAULTS = {
     "epochs": (10, int, "epochs to train (>= 1)"),
@@ -93,14 +93,9 @@ class BaseTrainer:
 
     def load_state_dict(self, checkpoint: dict, path) -> None:
         """Restore everything state_dict() saved, from a checkpoint loaded by utils.checkpoint."""
+        saved_by, world, t = len(checkpoint["rng"]), dist.world_size(), checkpoint["trainer"]
+        check_resumable(checkpoint, path, self.lr_scheduler is not None, world)
         load_model_state(unwrap_model(self.model), checkpoint, path)
-        if (checkpoint["lr_scheduler"] is None) != (self.lr_scheduler is None):
-            raise ConfigError(f"{path}: lr_scheduler differs from the one the checkpoint was trained with")
-        saved_by, world = len(checkpoint["rng"]), dist.world_size()
-        t = checkpoint["trainer"]
-        if t["batches_done"] and saved_by != world:
-            raise CheckpointError(f"{path}: this mid-epoch checkpoint was saved by {saved_by} process(es); resume "
-                                  "it with as many, or resume an end-of-epoch checkpoint")
         try:  # the structure was checked on loading; what does not fit this run's objects fails here
             self.optimizer.load_state_dict(checkpoint["optimizer"])
             if self.lr_scheduler is not None:
@@ -117,11 +112,12 @@ class BaseTrainer:
         self.epoch, self.global_step, self.batches_done = t["epoch"], t["global_step"], t["batches_done"]
         self.mnt_best, self.not_improved_count = t["monitor_best"], t["not_improved_count"]
         self.resumed_at = position_of(checkpoint)
+        if Path(path).name == f"checkpoint-epoch{self.epoch}.pth" and self.epoch % self.cfg["save_period"]:
+            self.rolling = Path(path)  # a rolling checkpoint: the next epoch's replaces it
         if saved_by != world and dist.is_main_process():
-            self.logger.warning("%s was saved by %d process(es), this run has %d: the global batch changes from %d "
-                                "to %d samples, and RNG states are not restored (the run goes on correctly, but "
-                                "not bitwise as it would have).", path, saved_by, world,
-                                saved_by * self.config["data_loader"]["batch_size"], world * self.config["data_loader"]["batch_size"])
+            self.logger.warning("%s was saved by %d process(es), this run has %d: the global batch changes by %d/%d, "
+                                "and RNG states are not restored (the run goes on correctly, but not bitwise as it "
+                                "would have).", path, saved_by, world, world, saved_by)
         self.logger.info("Resumed from %s: epoch %d, step %d.", path, self.epoch, self.global_step)
 
     def train(self):
@@ -129,17 +125,13 @@ class BaseTrainer:
         if dist.is_main_process():  # only rank 0 writes
             if self.config.resume:  # forget what was logged and saved after the resumed checkpoint
                 for moved in supersede_after(self.config.save_dir, self.resumed_at):
-                    self.logger.info("Moved %s, saved after the resumed checkpoint, to %s", moved.name,
-                                     moved.parent.relative_to(self.config.save_dir))
+                    self.logger.info("Moved %s (saved after the resumed checkpoint) to %s", moved.name, moved.parent)
             (self.config.save_dir / PREEMPTED).unlink(missing_ok=True)
             # also for a fresh run: --auto-resume restarting a run that crashed before its first checkpoint
             self.outputs = RunOutputs(self.config.log_dir, self.cfg["tensorboard"], (self.epoch, self.global_step))
         try:
             with self.stop_request:
                 self._train_epochs()
-        except OSError as e:  # e.g. a full disk while writing a checkpoint or a log
-            raise TrainingError(f"{e.filename or 'run output'}: {e.strerror or e}; the checkpoints saved before "
-                                "are intact") from None
         finally:
             if self.outputs is not None:
                 self.outputs.close()
@@ -152,7 +144,7 @@ class BaseTrainer:
             if self._stopped_early():
                 break
             start = time.perf_counter()
-            log, n_samples = self._train_epoch(epoch)
+            log, n_samples = self.train_epoch(epoch)
             train_seconds = time.perf_counter() - start
             if not math.isfinite(log["loss"]):
                 raise TrainingError(f"non-finite training loss ({log['loss']}) in epoch {epoch}; no checkpoint "
@@ -175,9 +167,7 @@ class BaseTrainer:
             stop = self._stopped_early()
             preempted = dist.any_process(self.stop_request.signum is not None, self.device)
             keep = epoch % self.cfg["save_period"] == 0 or epoch == self.cfg["epochs"] or stop or preempted
-            path = self._save_checkpoint(periodic=keep or self.cfg["save_last"], best=improved)
-            if self.rolling is not None and dist.is_main_process():  # the newest epoch's replaces the rolling one
-                self.rolling.unlink(missing_ok=True)
+            path = self._save_checkpoint(periodic=keep or self.cfg["save_last"], best=improved, replaces=self.rolling)
             self.rolling = path if not keep and self.cfg["save_last"] else None
             if stop:
                 self.logger.info("%s did not improve for %d epochs: training stops.",
@@ -185,8 +175,8 @@ class BaseTrainer:
             if preempted:
                 self._preempted(path)
 
-    def _train_epoch(self, epoch, max_batches=None):
-        """Train one epoch (the rest of it, when resumed mid-epoch): its averages, samples trained."""
+    def train_epoch(self, epoch, max_batches=None):
+        """Train one epoch (the rest of it, when resumed mid-epoch; at most max_batches): its averages, samples."""
         self.model.train()
         n = min(self.batches_per_epoch, max_batches or self.batches_per_epoch)
         done, self.batches_done = self.batches_done, 0
@@ -255,8 +245,7 @@ class BaseTrainer:
 
     def evaluate(self, loader, desc="valid", max_batches=None) -> dict:
         """Loss and metrics over `loader` (over all processes under torchrun), under the training's autocast."""
-        # Under torchrun, through the bare module with rank 0's buffers: DDP's forward is a collective,
-        # and a process may have no validation batch at all.
+        # Under torchrun: the bare module with rank 0's buffers (DDP's forward is a collective; a process may have no batch)
         model, self.model = self.model, unwrap_model(self.model) if self.distributed else self.model
         dist.broadcast_buffers(self.model)
         self.model.eval()
@@ -272,15 +261,6 @@ class BaseTrainer:
             self.model = model
         return self.metrics.compute(self.device)
 
-    def dry_run(self, batches=2):
-        """Train `batches` batches and validate on `batches` batches; write nothing."""
-        self.cfg = {**self.cfg, "save_every_steps": 0}  # no checkpoints: a dry run has no run directory
-        self.batches_done = 0  # from the first batch of the next epoch, even when resuming mid-epoch
-        self.logger.info("dry run: %d training batches: %s", batches, self._train_epoch(self.epoch + 1, batches)[0])
-        if self.valid_data_loader is not None:
-            self.logger.info("dry run: %d validation batches: %s", batches,
-                             self.evaluate(self.valid_data_loader, max_batches=batches))
-
     def _stopped_early(self) -> bool:
         return self.cfg["early_stop"] > 0 and self.not_improved_count >= self.cfg["early_stop"]
 
@@ -294,8 +274,8 @@ class BaseTrainer:
         self.not_improved_count = 0 if improved else self.not_improved_count + 1
         return improved
 
-    def _save_checkpoint(self, periodic: bool, best: bool):
-        """Write checkpoint-epoch<N>[-step<S>].pth and/or model_best.pth (rank 0); the path, or None."""
+    def _save_checkpoint(self, periodic: bool, best: bool, replaces=None):
+        """Write checkpoint-epoch<N>[-step<S>].pth (then delete `replaces`) and/or model_best.pth; the path."""
         if not (periodic or best):
             return None
         if not all(torch.isfinite(p).all() for p in self.model.parameters()):  # one host sync per tensor
@@ -303,7 +283,7 @@ class BaseTrainer:
                                 f"{self.global_step}; no checkpoint of them was written")
         state = self.state_dict()  # under torchrun, every process takes part
         path = save_checkpoint(state, self.config.save_dir, state["epoch"], self.global_step if self.batches_done
-                               else None, periodic, best, self.cfg["keep_last"], write=dist.is_main_process())
+                               else None, periodic, best, self.cfg["keep_last"], replaces, write=dist.is_main_process())
         if dist.is_main_process():
             self.logger.info("Saved %s", " and ".join([path.name] * periodic + ["model_best.pth"] * best))
         return path

@@ -177,7 +177,7 @@ def raw_fit(config, device, train_loader, valid_loader, save_dir=None):
     It does the work the config asks for, as a hand-written loop would: the configured metrics on
     every training batch (summed on the device, read once per epoch), a validation pass, and with
     `save_dir` a torch.save of model and optimizer at the epochs the Trainer saves at (every
-    save_period, the last epoch, and whenever the monitored metric improves). save_dir=None (--bare)
+    save_period, the last epoch, every epoch with save_last, and whenever the monitored metric improves). save_dir=None (--bare)
     leaves out the training metrics and the saves.
     """
     model, criterion, _, metrics, optimizer, scheduler = build(config, device)
@@ -227,7 +227,7 @@ def raw_fit(config, device, train_loader, valid_loader, save_dir=None):
                 scheduler.step()
         if save_dir is not None:
             state = {"model": model.state_dict(), "optimizer": optimizer.state_dict()}
-            if epoch % t["save_period"] == 0 or epoch == t["epochs"]:
+            if epoch % t["save_period"] == 0 or epoch == t["epochs"] or t["save_last"]:
                 torch.save(state, save_dir / f"checkpoint-epoch{epoch}.pth")
             if mode != "off" and (log[monitored] < best if mode == "min" else log[monitored] > best):
                 best = log[monitored]

@@ -1,4 +1,5 @@
 """torch.distributed on the CPU: real torchrun, 2 processes, gloo."""
+import json
 import os
 import signal
 import subprocess
@@ -72,7 +73,7 @@ def test_ddp_checkpoint_resumes_in_one_process_and_the_reverse(ddp_run, tmp_path
     shutil.copytree(ddp_run.save_dir, single.save_dir)
     result = run_train("-r", single.model_dir / "checkpoint-epoch2.pth", "trainer.epochs=3")
     assert_ok(result)
-    assert "RNG states not restored" in result.stdout
+    assert "RNG states are not restored" in result.stdout
     assert [r["epoch"] for r in single.metrics()] == ["1", "2", "3"]
     # ... and that single-process checkpoint resumes under torchrun
     assert_ok(torchrun("-r", single.model_dir / "checkpoint-epoch3.pth", "trainer.epochs=4"))
@@ -168,7 +169,7 @@ def test_sigterm_to_torchrun_stops_all_ranks_and_rank_0_saves(tmp_path):
     assert middle["trainer"]["epoch"] == 1  # stopped inside epoch 2, same step on both ranks
     assert len(middle["metrics"]) == 2  # each process's partial sums of the epoch so far
     # those sums belong to 2 processes: a mid-epoch checkpoint resumes only with as many
-    assert_user_error(run_train("-r", run.model_dir / saved[0]), "saved by 2 processes")
+    assert_user_error(run_train("-r", run.model_dir / saved[0]), "saved by 2 process(es)")
     assert_ok(torchrun("-r", run.model_dir / saved[0], "trainer.epochs=2"))
     assert [r["epoch"] for r in run.metrics()] == ["1", "2"]
 
@@ -191,3 +192,32 @@ def test_a_crashed_rank_ends_the_whole_job(tmp_path):
     assert proc.wait(timeout=120) != 0
     assert time.monotonic() - started < 90  # ended, not hung
     assert "Signal 9 (SIGKILL)" in out or "SIGKILL" in out, out[-3000:]
+
+
+def test_preemption_as_a_scheduler_delivers_it_saves_once_and_leaves_a_marker(tmp_path):
+    """SIGTERM to every worker, then torchrun's own forwarded SIGTERM a moment later (SLURM with
+    cgroup tracking): the workers still agree on a step, rank 0 saves, and preempted.json tells a job
+    script that this exit 1 of torchrun was a preemption."""
+    save_dir = tmp_path / "saved"
+    proc = torchrun("-c", "config.json", "--run-id", "s", f"trainer.save_dir={save_dir}", "trainer.epochs=100",
+                    "trainer.log_step=1", "trainer.verbosity=2", "trainer.tensorboard=false",
+                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if "Train epoch 2 [3/" in line:
+            break
+    workers = subprocess.run(["pgrep", "-f", "-P", str(proc.pid), "train.py"], capture_output=True, text=True)
+    pids = [int(p) for p in workers.stdout.split()]
+    assert len(pids) == 2, workers
+    for pid in pids:
+        os.kill(pid, signal.SIGTERM)
+    time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out = "".join(lines) + proc.stdout.read()
+    assert proc.wait(timeout=120) != 0
+    run = Run(save_dir, "s")
+    marker = json.loads((run.model_dir / "preempted.json").read_text())
+    assert marker["signal"] == "SIGTERM" and "-step" in marker["checkpoint"], out[-3000:]
+    assert run.checkpoint(marker["checkpoint"])["trainer"]["batches_done"] > 0
+    assert out.count("Stopped by SIGTERM") == 1, out[-3000:]  # rank 0 only

@@ -34,8 +34,10 @@ def test_run_writes_the_documented_layout(digits_run):
     assert len(events) == 1
     assert names == {"models", "models/Digits_CNN", "models/Digits_CNN/r1", "log", "log/Digits_CNN",
                      "log/Digits_CNN/r1",
-                     # save_period is 5 in config.json: of 3 epochs only the last one is saved
+                     # save_period is 5 in config.json: of 3 epochs only the last one is kept (epochs
+                     # 1 and 2 were rolling checkpoints, each deleted when the next was written)
                      "models/Digits_CNN/r1/config.json", "models/Digits_CNN/r1/checkpoint-epoch3.pth",
+                     "models/Digits_CNN/r1/.lock",
                      "models/Digits_CNN/r1/model_best.pth",
                      "log/Digits_CNN/r1/info.log", "log/Digits_CNN/r1/metrics.csv", *events}
 

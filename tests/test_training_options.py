@@ -76,7 +76,8 @@ def test_bf16_autocast_runs_the_forward_in_bfloat16(tmp_path):
     trainer = build_trainer(tmp_path, "trainer.amp=bf16", "trainer.verbosity=0")
     seen = []
     trainer.model.fc2.register_forward_hook(lambda module, inputs, output: seen.append(output.dtype))
-    trainer.dry_run(batches=2)
+    from train import dry_run
+    dry_run(trainer, batches=2)
     assert seen == [torch.bfloat16] * 4  # 2 training + 2 validation batches
     assert all(p.dtype == torch.float32 for p in trainer.model.parameters())  # weights stay fp32
     assert not trainer.scaler.is_enabled()  # bf16 needs no loss scaling

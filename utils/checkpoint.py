@@ -134,13 +134,24 @@ def _structure_fault(c) -> str:
             "lr_scheduler is not a state_dict or null": not isinstance(c["lr_scheduler"], (dict, type(None))),
             "scaler is not a state_dict": not isinstance(c["scaler"], dict),
             "rng is not a list of per-process RNG states": not (isinstance(runs, list) and runs and all(
-                isinstance(r, dict) and set(r) == {"python", "numpy", "torch", "cuda"} for r in runs)),
+                isinstance(r, dict) and set(r) == {"python", "numpy", "torch", "cuda"} and torch.is_tensor(r["torch"])
+                and all(isinstance(r[k], (tuple, list)) and len(r[k]) == n for k, n in (("python", 3), ("numpy", 5)))
+                and isinstance(r["cuda"], list) for r in runs)),
             "metrics must be null at an epoch's end, else one {name: sums} per process": not (
                 c["metrics"] is None if not t["batches_done"] else isinstance(c["metrics"], list) and all(
                     isinstance(m, dict) and all(v is None or torch.is_tensor(v) for v in m.values())
                     for m in c["metrics"]) and len(c["metrics"]) == len(runs)),
         })
     return next((fault for fault, bad in faults.items() if bad), "")
+
+
+def check_resumable(checkpoint, path, has_scheduler: bool, world_size: int) -> None:
+    """CheckpointError / ConfigError unless this run (its scheduler, its number of processes) can resume it."""
+    if (checkpoint["lr_scheduler"] is None) == has_scheduler:
+        raise ConfigError(f"{path}: lr_scheduler differs from the one the checkpoint was trained with")
+    if checkpoint["trainer"]["batches_done"] and len(checkpoint["rng"]) != world_size:
+        raise CheckpointError(f"{path}: this mid-epoch checkpoint was saved by {len(checkpoint['rng'])} process(es); "
+                              "resume it with as many, or resume an end-of-epoch checkpoint")
 
 
 def load_model_state(model, checkpoint, path) -> None:
@@ -158,10 +169,10 @@ def load_model_state(model, checkpoint, path) -> None:
     model.load_state_dict(state)
 
 
-def save_checkpoint(state, run_dir, epoch, step, periodic, best, keep_last, write=True) -> Path:
+def save_checkpoint(state, run_dir, epoch, step, periodic, best, keep_last, replaces=None, write=True) -> Path:
     """Write checkpoint-epoch<N>[-step<S>].pth (periodic) and/or model_best.pth from one serialization, each
-    replaced atomically; beyond keep_last, older checkpoints are deleted only after the new one is on disk.
-    Returns the periodic file's path (model_best.pth's if only best)."""
+    replaced atomically; `replaces` (a rolling checkpoint) and, beyond keep_last, older checkpoints are deleted
+    only after the new one is on disk. Returns the periodic file's path (model_best.pth's if only best)."""
     name = f"checkpoint-epoch{epoch}.pth" if step is None else f"checkpoint-epoch{epoch}-step{step}.pth"
     path = Path(run_dir) / (name if periodic else "model_best.pth")
     if not write:  # under torchrun only rank 0 writes
@@ -170,8 +181,9 @@ def save_checkpoint(state, run_dir, epoch, step, periodic, best, keep_last, writ
     torch.save(state, buffer)
     if periodic:
         atomic_write_bytes(buffer.getvalue(), path)
-        for old in list_checkpoints(run_dir)[:-keep_last] if keep_last else ():
-            old.unlink()
+        found = list_checkpoints(run_dir)
+        for old in [*(found[:-keep_last] if keep_last else []), *([replaces] if replaces not in (None, path) else [])]:
+            old.unlink(missing_ok=True)
     if best:
         atomic_write_bytes(buffer.getvalue(), Path(run_dir) / "model_best.pth")
     return path

@@ -3,6 +3,7 @@ import signal
 import threading
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
+PREEMPTED = "preempted.json"  # in the run directory while the run is stopped by a signal
 
 
 class Preempted(Exception):
@@ -34,5 +35,7 @@ class StopRequest:
 
     def __exit__(self, *exc):
         for s, handler in self._previous.items():
-            signal.signal(s, handler)
+            # Stopping: a repeated SIGTERM must not kill the process before it exits with 128 + signum.
+            stopping = s == signal.SIGTERM and self.signum == signal.SIGTERM
+            signal.signal(s, signal.SIG_IGN if stopping else handler)
         self._previous = {}

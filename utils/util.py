@@ -1,4 +1,5 @@
 """Small helpers with side effects, kept in one place: files, RNG state, devices, batches."""
+import fcntl
 import itertools
 import json
 import os
@@ -24,8 +25,10 @@ def atomic_write_bytes(data: bytes, path) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError):  # name the file being written, not the temp file
+            raise OSError(e.errno, e.strerror, str(path)) from None
         raise
     fd = os.open(path.parent, os.O_RDONLY)  # a rename is durable once the directory entry is on disk
     try:
@@ -44,6 +47,23 @@ def claim_dir(path: Path, numbered=True) -> Path:
         except FileExistsError:
             if not numbered:
                 raise
+
+
+def lock_dir(directory: Path):
+    """(file, None) holding an exclusive lock on `directory` until the file is closed (or the process
+    ends, however it ends), or (None, pid of the holder) when another process holds it."""
+    lock = open(Path(directory) / ".lock", "a+")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        owner = lock.read().strip()[:20]
+        lock.close()
+        return None, owner
+    lock.truncate(0)
+    lock.write(str(os.getpid()))
+    lock.flush()
+    return lock, None
 
 
 def atomic_write_text(text: str, path) -> None:
