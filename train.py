@@ -81,6 +81,8 @@ def build_config(args, registry):
         config = ConfigParser(load_config_file(args.config), args.overrides, registry, run_id=args.run_id)
     else:  # continue the run in the checkpoint's directory (a copied run continues in the copy)
         run_dir = path.resolve().parent
+        if run_dir.parent.name == "superseded":  # an abandoned future, taken up again: back in its run
+            run_dir = run_dir.parent.parent
         if args.run_id and args.run_id != run_dir.name:
             raise ConfigError(f"--run-id: a resumed run keeps its id ({run_dir.name}); use -c with -r to start a new run")
         config = ConfigParser(checkpoint["config"], args.overrides, registry, run_id=run_dir.name, resume=True,

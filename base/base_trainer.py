@@ -111,7 +111,7 @@ class BaseTrainer:
                                   f"this run ({type(e).__name__}: {str(e)[:200]})") from None
         self.epoch, self.global_step, self.batches_done = t["epoch"], t["global_step"], t["batches_done"]
         self.mnt_best, self.not_improved_count = t["monitor_best"], t["not_improved_count"]
-        self.resumed_at = position_of(checkpoint)
+        self.resumed_at = Path(path), position_of(checkpoint)  # the file and where in training it stands
         if Path(path).name == f"checkpoint-epoch{self.epoch}.pth" and self.epoch % self.cfg["save_period"]:
             self.rolling = Path(path)  # a rolling checkpoint: the next epoch's replaces it
         if saved_by != world and dist.is_main_process():
@@ -124,7 +124,7 @@ class BaseTrainer:
         """Train to trainer.epochs; Preempted after saving on SIGTERM / SIGINT, TrainingError on a NaN loss."""
         if dist.is_main_process():  # only rank 0 writes
             if self.config.resume:  # forget what was logged and saved after the resumed checkpoint
-                for moved in supersede_after(self.config.save_dir, self.resumed_at):
+                for moved in supersede_after(self.config.save_dir, *self.resumed_at):
                     self.logger.info("Moved %s (saved after the resumed checkpoint) to %s", moved.name, moved.parent)
             (self.config.save_dir / PREEMPTED).unlink(missing_ok=True)
             # also for a fresh run: --auto-resume restarting a run that crashed before its first checkpoint

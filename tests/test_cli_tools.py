@@ -84,7 +84,7 @@ def test_test_script_takes_a_run_directory(run_copy):
 def test_test_script_refuses_an_empty_test_split(run_copy, capsys):
     code, err = main_error(test_script.main, ["-r", run_copy / "model_best.pth", "data_loader.test_split=0"],
                            capsys)
-    assert code == 2 and err.count("\n") == 1 and err.startswith("error: data_loader: ") and "test_split" in err, err
+    assert code == 2 and err.count("\n") == 1 and err.startswith("error: data_loader") and "test_split" in err, err
     assert not (run_copy / "test_metrics.json").exists()
 
 
@@ -168,4 +168,4 @@ def test_a_taken_run_id_is_an_error_and_the_run_is_left_alone(tmp_path):
     with pytest.raises(ConfigError, match="--run-id"):
         second.make_run_dirs()
     assert (first.save_dir / "config.json").read_bytes() == config_bytes
-    assert tree(tmp_path / "saved" / "models" / "Digits_CNN") == {"mine", "mine/config.json"}
+    assert tree(tmp_path / "saved" / "models" / "Digits_CNN") == {"mine", "mine/config.json", "mine/.lock"}

@@ -30,13 +30,13 @@ def position_of(checkpoint: dict):
     return (checkpoint["epoch"], 0, checkpoint["trainer"]["global_step"]) if mid_epoch else (checkpoint["epoch"], 1, 0)
 
 
-def supersede_after(run_dir, position) -> list:
-    """Move the run's checkpoints that lie after `position` into a new <run_dir>/superseded/<time>/: a run
-    resumed from an earlier point must not later resume (or prune) onto the future it abandoned, and
-    a second such resume must not overwrite what the first one set aside."""
+def supersede_after(run_dir, resumed: Path, position) -> list:
+    """Move the run's checkpoints at or after `position`, but the `resumed` file, into a new
+    <run_dir>/superseded/<time>/: a run resumed from an earlier point must not later resume (or prune) onto
+    the future it abandoned, and a second such resume must not overwrite what the first one set aside."""
     for stale in Path(run_dir).glob(".*.tmp"):  # a save cut short by a crash
         stale.unlink()
-    later = [p for p in list_checkpoints(run_dir) if _position(p) > position]
+    later = [p for p in list_checkpoints(run_dir) if _position(p) >= position and p.resolve() != resumed.resolve()]
     if not later:
         return []
     (Path(run_dir) / "superseded").mkdir(exist_ok=True)
@@ -105,44 +105,48 @@ def load_checkpoint(path) -> dict:
 
 def _structure_fault(c) -> str:
     """What is wrong with a loaded checkpoint's structure ("" if nothing), checked before any of it is
-    used: a file that loads with weights_only can still hold any plain data."""
+    used: a file that loads with weights_only can still hold any plain data. Checked in order, each
+    check relying on the ones before it."""
     def count(v):
         return type(v) is int and 0 <= v < 2**62
+    def epochs():  # of the run that saved it
+        trainer = c["config"].get("trainer")
+        return trainer.get("epochs") if isinstance(trainer, dict) and count(trainer.get("epochs")) else 2**62
     t, runs = c["trainer"], c["rng"]
+    checks = [
+        ("config is not a mapping of at most 100000 values", lambda: isinstance(c["config"], dict) and _small(c["config"])),
+        ("run_id is not a run name", lambda: isinstance(c["run_id"], str) and 0 < len(c["run_id"]) <= 200),
+        ("arch is not a name", lambda: isinstance(c["arch"], str)),
+        (f"trainer must hold exactly {', '.join(sorted(TRAINER_KEYS))}",
+         lambda: isinstance(t, dict) and set(t) == TRAINER_KEYS),
+        ("trainer counters must be integers >= 0", lambda: all(count(t[k]) for k in TRAINER_KEYS - {"monitor_best"})),
+        ("trainer.monitor_best is not a number", lambda: type(t["monitor_best"]) in (int, float)),
+        ("epoch does not match trainer.epoch", lambda: c["epoch"] == t["epoch"] + (1 if t["batches_done"] else 0)),
+        ("trainer.epoch is past the run's trainer.epochs", lambda: t["epoch"] <= epochs()),
+        ("model is not a state_dict of tensors", lambda: isinstance(c["model"], dict) and all(
+            isinstance(k, str) and torch.is_tensor(v) for k, v in c["model"].items())),
+        ("optimizer is not an optimizer state_dict", lambda: isinstance(c["optimizer"], dict) and isinstance(
+            c["optimizer"].get("state"), dict) and isinstance(c["optimizer"].get("param_groups"), list)),
+        ("lr_scheduler is not a state_dict or null", lambda: isinstance(c["lr_scheduler"], (dict, type(None)))),
+        ("scaler is not a state_dict", lambda: isinstance(c["scaler"], dict)),
+        ("rng is not a list of per-process RNG states", lambda: isinstance(runs, list) and runs and all(
+            isinstance(r, dict) and set(r) == {"python", "numpy", "torch", "cuda"} and torch.is_tensor(r["torch"])
+            and all(isinstance(r[k], (tuple, list)) and len(r[k]) == n for k, n in (("python", 3), ("numpy", 5)))
+            and isinstance(r["cuda"], list) for r in runs)),
+        ("metrics must be null at an epoch's end, else one {name: sums} per process", lambda: (
+            c["metrics"] is None) if not t["batches_done"] else isinstance(c["metrics"], list) and all(
+                isinstance(m, dict) and all(v is None or torch.is_tensor(v) for v in m.values())
+                for m in c["metrics"]) and len(c["metrics"]) == len(runs)),
+    ]
+    return next((fault for fault, ok in checks if not ok()), "")
+
+
+def _small(config) -> bool:
     try:
-        check_size(c["config"], "config")
-    except ConfigError as e:
-        return str(e)
-    faults = {
-        "run_id is not a run name": not (isinstance(c["run_id"], str) and 0 < len(c["run_id"]) <= 200),
-        "arch is not a name": not isinstance(c["arch"], str),
-        "config is not a mapping": not isinstance(c["config"], dict),
-        f"trainer must hold exactly {', '.join(TRAINER_KEYS)}": not (isinstance(t, dict) and set(t) == TRAINER_KEYS),
-    }
-    if not any(faults.values()):
-        epochs = c["config"].get("trainer", {}).get("epochs", 10**9) if isinstance(c["config"].get("trainer"), dict) \
-            else 10**9
-        faults.update({
-            "trainer counters must be integers >= 0": not all(count(t[k]) for k in TRAINER_KEYS - {"monitor_best"}),
-            "trainer.monitor_best is not a number": type(t["monitor_best"]) not in (int, float),
-            "epoch does not match trainer.epoch": c["epoch"] != t["epoch"] + (1 if t["batches_done"] else 0),
-            "trainer.epoch is past the run's trainer.epochs": count(epochs) and t["epoch"] > epochs,
-            "model is not a state_dict of tensors": not (isinstance(c["model"], dict) and all(
-                isinstance(k, str) and torch.is_tensor(v) for k, v in c["model"].items())),
-            "optimizer is not an optimizer state_dict": not (isinstance(c["optimizer"], dict) and isinstance(
-                c["optimizer"].get("state"), dict) and isinstance(c["optimizer"].get("param_groups"), list)),
-            "lr_scheduler is not a state_dict or null": not isinstance(c["lr_scheduler"], (dict, type(None))),
-            "scaler is not a state_dict": not isinstance(c["scaler"], dict),
-            "rng is not a list of per-process RNG states": not (isinstance(runs, list) and runs and all(
-                isinstance(r, dict) and set(r) == {"python", "numpy", "torch", "cuda"} and torch.is_tensor(r["torch"])
-                and all(isinstance(r[k], (tuple, list)) and len(r[k]) == n for k, n in (("python", 3), ("numpy", 5)))
-                and isinstance(r["cuda"], list) for r in runs)),
-            "metrics must be null at an epoch's end, else one {name: sums} per process": not (
-                c["metrics"] is None if not t["batches_done"] else isinstance(c["metrics"], list) and all(
-                    isinstance(m, dict) and all(v is None or torch.is_tensor(v) for v in m.values())
-                    for m in c["metrics"]) and len(c["metrics"]) == len(runs)),
-        })
-    return next((fault for fault, bad in faults.items() if bad), "")
+        check_size(config, "config")
+        return True
+    except ConfigError:
+        return False
 
 
 def check_resumable(checkpoint, path, has_scheduler: bool, world_size: int) -> None:
