@@ -184,6 +184,7 @@ def test_a_crash_costs_at_most_one_epoch(tmp_path):
     assert f"(resumed from {newest})" in (run.log_dir / "info.log").read_text()
     left = {p for p in run.pth_files() if p.startswith("checkpoint")}
     assert f"checkpoint-epoch{epochs[-1] + 1}.pth" in left and f"checkpoint-epoch{epochs[-1]}.pth" not in left
+    run.checkpoint("model_best.pth")  # a second name of an epoch's file: deleting the rolling one keeps it whole
 
 
 @pytest.mark.parametrize("damage", ["nul_tail", "torn_row"])

@@ -11,7 +11,7 @@ import torch
 
 from utils.config_file import check_size
 from utils.errors import CheckpointError, ConfigError
-from utils.util import atomic_write_bytes, claim_dir
+from utils.util import atomic_link, atomic_write_bytes, claim_dir
 
 CHECKPOINT_KEYS = {"arch", "epoch", "run_id", "model", "optimizer", "lr_scheduler", "trainer", "scaler", "metrics",
                    "rng", "config"}
@@ -175,7 +175,7 @@ def load_model_state(model, checkpoint, path) -> None:
 
 def save_checkpoint(state, run_dir, epoch, step, periodic, best, keep_last, replaces=None, write=True) -> Path:
     """Write checkpoint-epoch<N>[-step<S>].pth (periodic) and/or model_best.pth from one serialization, each
-    replaced atomically; `replaces` (a rolling checkpoint) and, beyond keep_last, older checkpoints are deleted
+    replaced atomically (model_best.pth as a second name of the periodic file, where the file system can); `replaces` (a rolling checkpoint) and, beyond keep_last, older checkpoints are deleted
     only after the new one is on disk. Returns the periodic file's path (model_best.pth's if only best)."""
     name = f"checkpoint-epoch{epoch}.pth" if step is None else f"checkpoint-epoch{epoch}-step{step}.pth"
     path = Path(run_dir) / (name if periodic else "model_best.pth")
@@ -188,6 +188,6 @@ def save_checkpoint(state, run_dir, epoch, step, periodic, best, keep_last, repl
         found = list_checkpoints(run_dir)
         for old in [*(found[:-keep_last] if keep_last else []), *([replaces] if replaces not in (None, path) else [])]:
             old.unlink(missing_ok=True)
-    if best:
+    if best and not (periodic and atomic_link(path, Path(run_dir) / "model_best.pth")):
         atomic_write_bytes(buffer.getvalue(), Path(run_dir) / "model_best.pth")
     return path

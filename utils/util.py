@@ -30,7 +30,25 @@ def atomic_write_bytes(data: bytes, path) -> None:
         if isinstance(e, OSError):  # name the file being written, not the temp file
             raise OSError(e.errno, e.strerror, str(path)) from None
         raise
-    fd = os.open(path.parent, os.O_RDONLY)  # a rename is durable once the directory entry is on disk
+    _fsync_dir(path.parent)
+
+
+def atomic_link(source: Path, path: Path) -> bool:
+    """Make `path` a second name of the complete file `source` (no second copy of its bytes), replacing
+    `path` atomically; False where the file system has no hard links."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.unlink(missing_ok=True)
+        os.link(source, tmp)
+    except OSError:
+        return False
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+    return True
+
+
+def _fsync_dir(directory) -> None:
+    fd = os.open(directory, os.O_RDONLY)  # a rename is durable once the directory entry is on disk
     try:
         os.fsync(fd)
     finally:
