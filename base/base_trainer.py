@@ -112,8 +112,9 @@ class BaseTrainer:
         self.epoch, self.global_step, self.batches_done = t["epoch"], t["global_step"], t["batches_done"]
         self.mnt_best, self.not_improved_count = t["monitor_best"], t["not_improved_count"]
         self.resumed_at = Path(path), position_of(checkpoint)  # the file and where in training it stands
-        if Path(path).name == f"checkpoint-epoch{self.epoch}.pth" and self.epoch % self.cfg["save_period"]:
-            self.rolling = Path(path)  # a rolling checkpoint: the next epoch's replaces it
+        saved = checkpoint["config"]["trainer"]  # a rolling checkpoint (kept by no rule) is replaced by the next
+        rolling = self.epoch % saved["save_period"] and self.epoch != saved["epochs"]
+        self.rolling = Path(path) if rolling and Path(path).name == f"checkpoint-epoch{self.epoch}.pth" else None
         if saved_by != world and dist.is_main_process():
             self.logger.warning("%s was saved by %d process(es), this run has %d: the global batch changes by %d/%d, "
                                 "and RNG states are not restored (the run goes on correctly, but not bitwise as it "
@@ -127,7 +128,6 @@ class BaseTrainer:
                 for moved in supersede_after(self.config.save_dir, *self.resumed_at):
                     self.logger.info("Moved %s (saved after the resumed checkpoint) to %s", moved.name, moved.parent)
             (self.config.save_dir / PREEMPTED).unlink(missing_ok=True)
-            # also for a fresh run: --auto-resume restarting a run that crashed before its first checkpoint
             self.outputs = RunOutputs(self.config.log_dir, self.cfg["tensorboard"], (self.epoch, self.global_step))
         try:
             with self.stop_request:

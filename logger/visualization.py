@@ -57,7 +57,8 @@ class MetricsCSV:
 
 
 class RunOutputs:
-    """metrics.csv and TensorBoard of a run. `resumed_at` (epoch, step): drop what was logged after it.
+    """metrics.csv and TensorBoard of a run. `resumed_at` (epoch, step): drop what was logged after it (a fresh
+    run passes (0, 0): what an attempt that crashed before its first checkpoint logged goes).
     Every scalar uses the global optimizer step as its x axis, so TensorBoard's purge_step can do that."""
 
     def __init__(self, log_dir, tensorboard: bool, resumed_at=None):
