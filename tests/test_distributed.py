@@ -148,9 +148,9 @@ def test_validation_metrics_are_reduced_to_the_single_process_numbers():
     assert results[0][1] == results[1][1]
 
 
-def test_sigterm_to_torchrun_stops_all_ranks_and_rank_0_saves(tmp_path):
-    save_dir = tmp_path / "saved"
-    proc = torchrun("-c", "config.json", "--run-id", "t", f"trainer.save_dir={save_dir}", "trainer.epochs=100",
+def training_into_epoch_2(save_dir, run_id):
+    """A long torchrun training, read until its third step of epoch 2: (process, output lines so far)."""
+    proc = torchrun("-c", "config.json", "--run-id", run_id, f"trainer.save_dir={save_dir}", "trainer.epochs=100",
                     "trainer.log_step=1", "trainer.verbosity=2", "trainer.tensorboard=false",
                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     lines = []
@@ -158,6 +158,12 @@ def test_sigterm_to_torchrun_stops_all_ranks_and_rank_0_saves(tmp_path):
         lines.append(line)
         if "Train epoch 2 [3/" in line:
             break
+    return proc, lines
+
+
+def test_sigterm_to_torchrun_stops_all_ranks_and_rank_0_saves(tmp_path):
+    save_dir = tmp_path / "saved"
+    proc, lines = training_into_epoch_2(save_dir, "t")
     proc.send_signal(signal.SIGTERM)
     out = "".join(lines) + proc.stdout.read()
     assert proc.wait(timeout=120) != 0
@@ -199,14 +205,7 @@ def test_preemption_as_a_scheduler_delivers_it_saves_once_and_leaves_a_marker(tm
     cgroup tracking): the workers still agree on a step, rank 0 saves, and preempted.json tells a job
     script that this exit 1 of torchrun was a preemption."""
     save_dir = tmp_path / "saved"
-    proc = torchrun("-c", "config.json", "--run-id", "s", f"trainer.save_dir={save_dir}", "trainer.epochs=100",
-                    "trainer.log_step=1", "trainer.verbosity=2", "trainer.tensorboard=false",
-                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    lines = []
-    for line in proc.stdout:
-        lines.append(line)
-        if "Train epoch 2 [3/" in line:
-            break
+    proc, lines = training_into_epoch_2(save_dir, "s")
     workers = subprocess.run(["pgrep", "-f", "-P", str(proc.pid), "train.py"], capture_output=True, text=True)
     pids = [int(p) for p in workers.stdout.split()]
     assert len(pids) == 2, workers
