@@ -13,7 +13,7 @@ import torch
 import utils.dist as dist
 from base.base_metric import MetricTracker, batch_size
 from logger import RunOutputs, image_batch, progress_bar
-from utils.checkpoint import check_resumable, load_model_state, position_of, save_checkpoint, supersede_after
+from utils.checkpoint import check_resumable, is_rolling, load_model_state, position_of, save_checkpoint, supersede_after
 from utils.errors import CheckpointError, ConfigError, TrainingError
 from utils.preemption import PREEMPTED, Preempted, StopRequest
 from utils.util import get_rng_state, set_rng_state, to_device, unwrap_model, write_json
@@ -112,9 +112,7 @@ class BaseTrainer:
         self.epoch, self.global_step, self.batches_done = t["epoch"], t["global_step"], t["batches_done"]
         self.mnt_best, self.not_improved_count = t["monitor_best"], t["not_improved_count"]
         self.resumed_at = Path(path), position_of(checkpoint)  # the file and where in training it stands
-        saved = checkpoint["config"]["trainer"]  # a rolling checkpoint (kept by no rule) is replaced by the next
-        rolling = self.epoch % saved["save_period"] and self.epoch != saved["epochs"]
-        self.rolling = Path(path) if rolling and Path(path).name == f"checkpoint-epoch{self.epoch}.pth" else None
+        self.rolling = Path(path) if is_rolling(checkpoint, path) else None  # the next epoch's replaces it
         if saved_by != world and dist.is_main_process():
             self.logger.warning("%s was saved by %d process(es), this run has %d: the global batch changes by %d/%d, "
                                 "and RNG states are not restored (the run goes on correctly, but not bitwise as it "
@@ -128,7 +126,8 @@ class BaseTrainer:
                 for moved in supersede_after(self.config.save_dir, *self.resumed_at):
                     self.logger.info("Moved %s (saved after the resumed checkpoint) to %s", moved.name, moved.parent)
             (self.config.save_dir / PREEMPTED).unlink(missing_ok=True)
-            self.outputs = RunOutputs(self.config.log_dir, self.cfg["tensorboard"], (self.epoch, self.global_step))
+            self.outputs = RunOutputs(self.config.log_dir, self.cfg["tensorboard"], (self.epoch, self.global_step),
+                                      self.config.config, self.mnt_metric)
         try:
             with self.stop_request:
                 self._train_epochs()
@@ -163,7 +162,7 @@ class BaseTrainer:
             for key, value in {"epoch": epoch, **log}.items():
                 self.logger.info("    %-20s: %s", key, value)
             if self.outputs is not None:
-                self.outputs.write_epoch({"epoch": epoch, **log}, self.global_step, self.images)
+                self.outputs.write_epoch({"epoch": epoch, **log}, self.global_step, self.images, self.mnt_best)
             stop = self._stopped_early()
             preempted = dist.any_process(self.stop_request.signum is not None, self.device)
             keep = epoch % self.cfg["save_period"] == 0 or epoch == self.cfg["epochs"] or stop or preempted
@@ -233,7 +232,7 @@ class BaseTrainer:
             bar.set_postfix_str(f"loss={running:.4f}", refresh=False)
             self.logger.debug("Train epoch %d [%d/%d] loss: %.6f", epoch, self.batches_done, n_batches, step_loss)
             if self.outputs is not None:
-                self.outputs.write_scalars("train_step", {"loss": step_loss}, self.global_step)
+                self.outputs.write_step_loss(step_loss, self.global_step)
         stop = self.stop_request.signum is not None
         if self.distributed:  # the processes must stop at the same step: they agree every log_step steps
             stop = log_now and dist.any_process(stop, self.device)

@@ -1,6 +1,7 @@
 """Per-epoch outputs of a run (rank 0): TensorBoard event files and metrics.csv."""
 import csv
 import io
+import json
 from pathlib import Path
 
 import torch
@@ -59,31 +60,70 @@ class MetricsCSV:
 class RunOutputs:
     """metrics.csv and TensorBoard of a run. `resumed_at` (epoch, step): drop what was logged after it (a fresh
     run passes (0, 0): what an attempt that crashed before its first checkpoint logged goes).
-    Every scalar uses the global optimizer step as its x axis, so TensorBoard's purge_step can do that."""
+    Every scalar uses the global optimizer step as its x axis, so TensorBoard's purge_step can do that.
+    TensorBoard groups by metric (loss/train, loss/valid, with a custom chart overlaying the two), keeps
+    optimizer/lr and time/ apart, and gets the config as text and as hparams, so runs compare side by side."""
 
-    def __init__(self, log_dir, tensorboard: bool, resumed_at=None):
+    def __init__(self, log_dir, tensorboard: bool, resumed_at=None, config=None, monitor=None):
         self.csv = MetricsCSV(Path(log_dir) / "metrics.csv")
         if resumed_at is not None:
             self.csv.truncate(resumed_at[0])
-        self.writer = None
+        self.writer, self.config, self.monitor = None, config, monitor
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter  # slow to import: only when enabled
             logged = resumed_at is not None and any(Path(log_dir).glob("events.out.tfevents.*"))
             self.writer = SummaryWriter(str(log_dir), purge_step=resumed_at[1] + 1 if logged else None)
 
-    def write_epoch(self, log: dict, step: int, images=None):
+    def write_epoch(self, log: dict, step: int, images=None, best=None):
+        """One epoch's row (and scalars); `best`: the monitored metric's best value so far (with a monitor)."""
         self.csv.append(log)
-        self.write_scalars("train", {k: v for k, v in log.items() if k[:4] != "val_" and k != "epoch"}, step)
-        self.write_scalars("valid", {k[4:]: v for k, v in log.items() if k[:4] == "val_"}, step)
-        if self.writer is not None and images is not None:  # the first 16, each scaled to [0, 1]
+        if self.writer is None:
+            return
+        if self.config is not None:  # once per process, when the metric names are known
+            self._write_run_info(log)
+            self.config = None
+        for key, value in log.items():
+            if key != "epoch":
+                self.writer.add_scalar(scalar_tag(key), value, step)
+        if self.monitor is not None:
+            self.writer.add_scalar(f"best/{self.monitor}", best, step)
+        if images is not None:  # the first 16, each scaled to [0, 1]
             images = images[:16].detach().float().cpu()
             low, high = images.amin(dim=(1, 2, 3), keepdim=True), images.amax(dim=(1, 2, 3), keepdim=True)
-            self.writer.add_images("train/input", (images - low) / (high - low).clamp_min(1e-8), step)
+            self.writer.add_images("inputs/train", (images - low) / (high - low).clamp_min(1e-8), step)
 
-    def write_scalars(self, prefix, values: dict, step: int):
-        for key, value in values.items() if self.writer is not None else ():
-            self.writer.add_scalar(f"{prefix}/{key}", value, step)
+    def write_step_loss(self, loss: float, step: int):
+        if self.writer is not None:
+            self.writer.add_scalar("loss/train_step", loss, step)
+
+    def _write_run_info(self, log):
+        """The config as text and as hparams (flattened key paths), with the metrics the HPARAMS tab lists."""
+        from torch.utils.tensorboard.summary import hparams
+        self.writer.add_text("config", "```\n" + json.dumps(self.config, indent=2) + "\n```")
+        tags = [tag for tag in map(scalar_tag, log) if tag.endswith(("/train", "/valid"))]
+        self.writer.add_custom_scalars({"train and valid": {m: ["Multiline", [f"{m}/train", f"{m}/valid"]]
+                                                            for m in sorted({tag.split("/")[0] for tag in tags})}})
+        tags += [f"best/{self.monitor}"] * (self.monitor is not None)
+        for summary in hparams(flatten(self.config), dict.fromkeys(tags, 0.0))[:2]:  # experiment, session start
+            self.writer.file_writer.add_summary(summary)
 
     def close(self):
         if self.writer is not None:
             self.writer.close()
+
+
+def scalar_tag(key: str) -> str:
+    """metrics.csv column -> TensorBoard tag: loss -> loss/train, val_loss -> loss/valid, lr -> optimizer/lr,
+    epoch_seconds -> time/epoch_seconds."""
+    if key == "lr":
+        return "optimizer/lr"
+    if key in ("epoch", "epoch_seconds", "samples_per_second"):
+        return f"time/{key}"
+    return f"{key[4:]}/valid" if key.startswith("val_") else f"{key}/train"
+
+
+def flatten(tree, prefix="") -> dict:
+    """{"optimizer.args.lr": 0.002, ...}: numbers, strings and booleans as they are, lists as JSON text."""
+    if isinstance(tree, dict):
+        return {k: v for key, value in tree.items() for k, v in flatten(value, f"{prefix}{key}.").items()}
+    return {prefix[:-1]: json.dumps(tree) if isinstance(tree, list) else tree}

@@ -100,7 +100,7 @@ def test_resume_from_checkpoint_file_on_the_command_line(tmp_path, straight):
 
     acc = EventAccumulator(str(run.log_dir), size_guidance={"scalars": 0})
     acc.Reload()
-    assert [e.step for e in acc.Scalars("train/loss")] == [STEPS_PER_EPOCH * e for e in (1, 2, 3, 4)]
+    assert [e.step for e in acc.Scalars("loss/train")] == [STEPS_PER_EPOCH * e for e in (1, 2, 3, 4)]
 
 
 def test_resume_keeps_the_run_id(tmp_path, capsys, straight):

@@ -164,7 +164,7 @@ def test_auto_resume_after_a_crash_in_the_first_epochs_logs_each_epoch_once(tmp_
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     events = EventAccumulator(str(run.log_dir))
     events.Reload()
-    assert [e.step for e in events.Scalars("train/loss")] == [40, 80, 120]
+    assert [e.step for e in events.Scalars("loss/train")] == [40, 80, 120]
 
 
 def test_a_crash_costs_at_most_one_epoch(tmp_path):

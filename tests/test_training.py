@@ -94,17 +94,17 @@ def test_tensorboard_events_read_back(digits_run):
     acc.Reload()
     tags = acc.Tags()
     for name in ("loss", "accuracy", "top_k_acc"):
-        assert f"train/{name}" in tags["scalars"] and f"valid/{name}" in tags["scalars"]
-    assert "train/lr" in tags["scalars"] and "train/samples_per_second" in tags["scalars"]
+        assert f"{name}/train" in tags["scalars"] and f"{name}/valid" in tags["scalars"]
+    assert {"optimizer/lr", "time/samples_per_second", "time/epoch_seconds", "loss/train_step"} <= set(tags["scalars"])
 
     rows = digits_run.metrics()
     steps = [STEPS_PER_EPOCH * e for e in (1, 2, 3)]  # the x axis is the optimizer step
-    for tag, column in (("train/loss", "loss"), ("valid/accuracy", "val_accuracy"), ("train/lr", "lr")):
+    for tag, column in (("loss/train", "loss"), ("accuracy/valid", "val_accuracy"), ("optimizer/lr", "lr")):
         events = acc.Scalars(tag)
         assert [e.step for e in events] == steps
         assert [e.value for e in events] == pytest.approx([float(r[column]) for r in rows], rel=1e-6)
 
-    images = acc.Images("train/input")
+    images = acc.Images("inputs/train")
     assert [i.step for i in images] == steps
     assert images[0].encoded_image_string.startswith(b"\x89PNG")
 

@@ -190,9 +190,9 @@ def test_tabular_mlp_trains_with_tensorboard_and_no_images(tabular_run):
     assert list(tabular_run.log_dir.glob("events.out.tfevents.*"))
     tags = event_accumulator(tabular_run.log_dir).Tags()
     assert tags["images"] == []  # (N, 20) inputs are not images
-    assert {"train/loss", "train/accuracy", "train/macro_f1", "valid/loss", "valid/accuracy", "valid/macro_f1",
-            "train_step/loss"} <= set(tags["scalars"])
-    steps = [e.step for e in event_accumulator(tabular_run.log_dir).Scalars("valid/accuracy")]
+    assert {"loss/train", "accuracy/train", "macro_f1/train", "loss/valid", "accuracy/valid", "macro_f1/valid",
+            "loss/train_step"} <= set(tags["scalars"])
+    steps = [e.step for e in event_accumulator(tabular_run.log_dir).Scalars("accuracy/valid")]
     assert steps == [6, 12]  # x axis: the global step (180 samples / 32 = 6 steps per epoch)
     assert "Traceback" not in tabular_run.result.stdout + tabular_run.result.stderr
 
@@ -341,7 +341,7 @@ def test_torchvision_model_and_image_folder_train_resume_and_test(resnet_run):
     checkpoint = resnet_run.checkpoint("checkpoint-epoch1.pth")
     assert checkpoint["arch"] == "ResNet" and checkpoint["model"]["fc.weight"].shape == (3, 512)
     assert checkpoint["config"]["loss"] == {"type": "torch.nn.CrossEntropyLoss", "args": {"label_smoothing": 0.1}}
-    assert "train/input" in event_accumulator(resnet_run.log_dir).Tags()["images"]  # image batches are logged
+    assert "inputs/train" in event_accumulator(resnet_run.log_dir).Tags()["images"]  # image batches are logged
     # continue the same run to 2 epochs
     _, out = in_process("train.py", "-r", resnet_run.model_dir, "trainer.epochs=2")
     assert "Resumed from" in out

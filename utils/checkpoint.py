@@ -158,6 +158,13 @@ def check_resumable(checkpoint, path, has_scheduler: bool, world_size: int) -> N
                               "resume it with as many, or resume an end-of-epoch checkpoint")
 
 
+def is_rolling(checkpoint, path) -> bool:
+    """Whether `path` is a rolling checkpoint: an epoch's that no rule of its run (save_period, last epoch) kept."""
+    saved, epoch = checkpoint["config"]["trainer"], checkpoint["trainer"]["epoch"]
+    return Path(path).name == f"checkpoint-epoch{epoch}.pth" and bool(epoch % saved["save_period"]) and \
+        epoch != saved["epochs"] and not checkpoint["trainer"]["batches_done"]
+
+
 def load_model_state(model, checkpoint, path) -> None:
     """Load the checkpoint's weights into `model` (a bare module), strictly, or explain the mismatch."""
     state, own = checkpoint["model"], model.state_dict()
