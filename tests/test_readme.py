@@ -30,6 +30,6 @@ def test_every_config_key_is_documented_with_its_default():
 
 def test_readme_commands_name_files_that_exist():
     for path in ("config.json", "configs/mnist.json", "configs/fashion_mnist.json", "configs/image_folder.json",
-                 "requirements.txt", "train.py", "test.py", "new_project.py", ".ci/run", "data/README.md",
+                 "requirements.txt", "train.py", "test.py", "export.py", "new_project.py", ".ci/run", "data/README.md",
                  "tests/test_readme_recipes.py", "trainer/trainer.py", "base/base_trainer.py", "model/metric.py"):
         assert path in README and (ROOT / path).exists(), path

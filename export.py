@@ -1,0 +1,126 @@
+"""Export a checkpoint's model for production, then verify it: python export.py -r CHECKPOINT [--format F ...]
+
+Formats: torchscript (model.ts, torch.jit.trace), exported (model.pt2, torch.export) and onnx (model.onnx),
+each written beside the checkpoint with a dynamic batch dimension, with model.json describing the input.
+Each artifact is loaded back and run on a real batch of the evaluation data next to the eager model; a
+format that cannot export the model, or whose outputs differ by more than --tolerance, is reported in one
+line and the other formats still go through (exit status 1 if any failed).
+"""
+import argparse
+import inspect
+import json
+import logging
+import warnings
+
+import torch
+
+from base.base_data_loader import make_datasets, make_loader
+from parse_config import ConfigParser
+from utils import write_json
+from utils.checkpoint import find_checkpoint, load_checkpoint, load_model_state
+from utils.errors import DataError, run_main
+from utils.registry import Registry
+
+FORMATS = {"torchscript": "model.ts", "exported": "model.pt2", "onnx": "model.onnx"}
+
+
+def export_torchscript(model, example, path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated upstream, still widely loaded
+        warnings.simplefilter("error", torch.jit.TracerWarning)  # e.g. data-dependent control flow: a wrong trace
+        torch.jit.save(torch.jit.trace(model, example), str(path))
+        return torch.jit.load(str(path))
+
+
+def export_exported(model, example, path):
+    batch = torch.export.Dim("batch", min=1)
+    name = next(iter(inspect.signature(model.forward).parameters))
+    torch.export.save(torch.export.export(model, (example,), dynamic_shapes={name: {0: batch}}), str(path))
+    return torch.export.load(str(path)).module()
+
+
+def export_onnx(model, example, path):
+    import onnxruntime  # installed by the README's set-up
+    name = next(iter(inspect.signature(model.forward).parameters))
+    torch.onnx.export(model, (example,), str(path), input_names=["input"], output_names=["output"],
+                      dynamic_shapes={name: {0: torch.export.Dim("batch", min=1)}}, dynamo=True, verbose=False)
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return lambda x: torch.from_numpy(session.run(None, {"input": x.cpu().numpy()})[0])
+
+
+EXPORTERS = {"torchscript": export_torchscript, "exported": export_exported, "onnx": export_onnx}
+
+
+def evaluation_batch(config):
+    """Inputs of one real batch of the evaluation data (test, else validation, else training split)."""
+    sets = make_datasets(config)
+    dataset = next((sets[k] for k in ("test", "valid", "train") if sets[k] is not None), None)
+    batch = next(iter(make_loader(config, dataset)))
+    if not (isinstance(batch, (tuple, list)) and torch.is_tensor(batch[0])):
+        raise DataError(f"data_loader: export needs (inputs, targets) batches of tensors; this dataset gives "
+                        f"{type(batch).__name__} batches")
+    return batch[0], dataset
+
+
+def reason_of(error) -> str:
+    """The error's message, or that of the warning behind it (a TracerWarning turned into an error), cut short."""
+    cause = error
+    while cause is not None and not isinstance(cause, Warning):
+        cause = cause.__cause__ or cause.__context__
+    return " ".join(str(cause or error).split())[:300] or type(error).__name__
+
+
+def class_names(dataset):
+    """The dataset's `classes` (torchvision datasets have them), looking through Subset and transform wrappers."""
+    while dataset is not None and not hasattr(dataset, "classes"):
+        dataset = getattr(dataset, "dataset", None)
+    return list(map(str, dataset.classes)) if dataset is not None else None
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Export a checkpoint's model and verify the exported artifacts.")
+    p.add_argument("-r", "--resume", required=True, help="checkpoint file, or a run directory (its newest)")
+    p.add_argument("--format", nargs="+", choices=list(FORMATS), default=list(FORMATS), help="default: all")
+    p.add_argument("--tolerance", type=float, default=1e-4, help="largest allowed |exported - eager| (1e-4)")
+    args = p.parse_args(argv)
+    logging.getLogger("torch").setLevel(logging.ERROR)  # torch.export's own diagnostics: the one line says it
+
+    path = find_checkpoint(args.resume)
+    checkpoint = load_checkpoint(path)
+    config = ConfigParser(checkpoint["config"], [], Registry(), run_id=checkpoint["run_id"], resume=True)
+    model = config.init_obj("arch")
+    load_model_state(model, checkpoint, path)
+    model.eval()
+    inputs, dataset = evaluation_batch(config)
+    with torch.no_grad():
+        expected = model(inputs)
+    results, failed = {}, []
+    for fmt in args.format:
+        out = path.parent / FORMATS[fmt]
+        try:
+            loaded = EXPORTERS[fmt](model, inputs[:2], out)  # traced on 2 samples, checked on the whole batch
+            with torch.no_grad():
+                diff = (loaded(inputs).float() - expected.float()).abs().max().item()
+        except Exception as e:  # noqa: BLE001 - any exporter failure is reported per format
+            reason = reason_of(e)
+            print(f"{fmt}: cannot export {type(model).__name__}: {reason}")
+            failed.append(fmt)
+            out.unlink(missing_ok=True)
+            continue
+        ok = diff <= args.tolerance
+        print(f"{fmt}: wrote {out}; max |exported - eager| on {len(inputs)} samples = {diff:.3g} "
+              f"({'within' if ok else 'ABOVE'} the tolerance {args.tolerance:g})")
+        results[fmt] = {"file": out.name, "max_abs_diff": diff, "verified": ok}
+        failed += [] if ok else [fmt]
+    write_json({"run_id": config.run_id, "checkpoint": path.name, "arch": checkpoint["arch"],
+                "input": {"shape": [None, *inputs.shape[1:]], "dtype": str(inputs.dtype)},
+                "eval_transform": config["data_loader"]["eval_transform"], "class_names": class_names(dataset),
+                "tolerance": args.tolerance, "formats": results}, path.parent / "model.json")
+    if failed:
+        print(f"error: not exported or not verified: {', '.join(failed)}")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(run_main(main))
