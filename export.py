@@ -8,8 +8,8 @@ line and the other formats still go through (exit status 1 if any failed).
 """
 import argparse
 import inspect
-import json
 import logging
+import sys
 import warnings
 
 import torch
@@ -117,7 +117,7 @@ def main(argv=None):
                 "eval_transform": config["data_loader"]["eval_transform"], "class_names": class_names(dataset),
                 "tolerance": args.tolerance, "formats": results}, path.parent / "model.json")
     if failed:
-        print(f"error: not exported or not verified: {', '.join(failed)}")
+        print(f"error: not exported or not verified: {', '.join(failed)}", file=sys.stderr)
         return 1
     return 0
 
