@@ -7,8 +7,9 @@ format that cannot export the model, or whose outputs differ by more than --tole
 line and the other formats still go through (exit status 1 if any failed).
 """
 import argparse
+import contextlib
 import inspect
-import logging
+import io
 import sys
 import warnings
 
@@ -83,7 +84,6 @@ def main(argv=None):
     p.add_argument("--format", nargs="+", choices=list(FORMATS), default=list(FORMATS), help="default: all")
     p.add_argument("--tolerance", type=float, default=1e-4, help="largest allowed |exported - eager| (1e-4)")
     args = p.parse_args(argv)
-    logging.getLogger("torch").setLevel(logging.ERROR)  # torch.export's own diagnostics: the one line says it
 
     path = find_checkpoint(args.resume)
     checkpoint = load_checkpoint(path)
@@ -98,7 +98,9 @@ def main(argv=None):
     for fmt in args.format:
         out = path.parent / FORMATS[fmt]
         try:
-            loaded = EXPORTERS[fmt](model, inputs[:2], out)  # traced on 2 samples, checked on the whole batch
+            # torch.export prints its partial graph and warnings to stderr on failure: the one line below says it
+            with contextlib.redirect_stderr(io.StringIO()):
+                loaded = EXPORTERS[fmt](model, inputs[:2], out)  # traced on 2 samples, checked on the whole batch
             with torch.no_grad():
                 diff = (loaded(inputs).float() - expected.float()).abs().max().item()
         except Exception as e:  # noqa: BLE001 - any exporter failure is reported per format
