@@ -1,5 +1,6 @@
 """torch.distributed helpers. Under torchrun there is one process per device; without it every
 helper here is a cheap no-op, so single-process code paths stay plain."""
+import gc
 import os
 
 import torch
@@ -62,4 +63,7 @@ def gather_objects(obj) -> list:
 
 def cleanup() -> None:
     if is_distributed():
+        # Free a DDP model left in a reference cycle now: freed at interpreter exit, after the process
+        # group, its gloo work objects can abort the process (SIGABRT) although training succeeded.
+        gc.collect()
         dist.destroy_process_group()
