@@ -15,7 +15,8 @@ import torch
 from base.base_data_loader import LOADER_DEFAULTS
 from base.base_metric import snake_case
 from base.base_trainer import TRAINER_DEFAULTS
-from utils.config_file import apply_override, check_keys, check_type, get_path, load_config_file, where  # noqa: F401
+from utils.config_file import (apply_override, check_keys, check_type, get_path, is_name,  # noqa: F401
+                               load_config_file, where)
 from utils.errors import REQUIRED, ConfigError, DataError
 from utils.util import claim_dir, lock_dir, write_json
 
@@ -109,7 +110,7 @@ class ConfigParser:
         self.config = with_defaults(self.config)  # an added (+) key is still checked against the schema
         self._validate()
         self.resume = resume
-        if run_id is not None and not _is_name(run_id):
+        if run_id is not None and not is_name(run_id):
             raise ConfigError(f"--run-id: {run_id[:80]!r} must be a name of 1-200 characters without path separators")
         self.run_id = run_id or datetime.now().strftime("%Y%m%d_%H%M%S")
         self._run_id_given = run_id is not None
@@ -142,7 +143,7 @@ class ConfigParser:
     def _validate(self):
         """Check everything that can be checked before building anything; raise on the first fault."""
         c, t, d = self.config, self.config["trainer"], self.config["data_loader"]
-        if not _is_name(c["name"]):
+        if not is_name(c["name"]):
             raise ConfigError(f"name: {c['name'][:80]!r} must be a name of 1-200 characters without path separators")
         if not t["save_dir"] or "\0" in t["save_dir"]:
             raise ConfigError(f"trainer.save_dir: {t['save_dir'][:80]!r} must be a non-empty path without NUL bytes")
@@ -281,11 +282,6 @@ class ConfigParser:
                               "wait for it to end, or resume into another run with -c CONFIG -r CHECKPOINT")
         write_json(self.config, self.save_dir / "config.json")
         return lock
-
-
-def _is_name(name) -> bool:
-    """A single path component: a run id or an experiment name."""
-    return 0 < len(name) <= 200 and not set(name) & set("/\\\0") and name not in (".", "..")
 
 
 def _files_hint(cls, spec):

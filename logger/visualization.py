@@ -68,7 +68,8 @@ class RunOutputs:
         self.csv = MetricsCSV(Path(log_dir) / "metrics.csv")
         if resumed_at is not None:
             self.csv.truncate(resumed_at[0])
-        self.writer, self.config, self.monitor = None, config, monitor
+        self.writer, self.monitor = None, monitor
+        self.run_info = config  # written to TensorBoard with the first epoch, when the metric names are known
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter  # slow to import: only when enabled
             logged = resumed_at is not None and any(Path(log_dir).glob("events.out.tfevents.*"))
@@ -79,9 +80,9 @@ class RunOutputs:
         self.csv.append(log)
         if self.writer is None:
             return
-        if self.config is not None:  # once per process, when the metric names are known
+        if self.run_info is not None:
             self._write_run_info(log)
-            self.config = None
+            self.run_info = None
         for key, value in log.items():
             if key != "epoch":
                 self.writer.add_scalar(scalar_tag(key), value, step)
@@ -99,12 +100,12 @@ class RunOutputs:
     def _write_run_info(self, log):
         """The config as text and as hparams (flattened key paths), with the metrics the HPARAMS tab lists."""
         from torch.utils.tensorboard.summary import hparams
-        self.writer.add_text("config", "```\n" + json.dumps(self.config, indent=2) + "\n```")
+        self.writer.add_text("config", "```\n" + json.dumps(self.run_info, indent=2) + "\n```")
         tags = [tag for tag in map(scalar_tag, log) if tag.endswith(("/train", "/valid"))]
         self.writer.add_custom_scalars({"train and valid": {m: ["Multiline", [f"{m}/train", f"{m}/valid"]]
                                                             for m in sorted({tag.split("/")[0] for tag in tags})}})
         tags += [f"best/{self.monitor}"] * (self.monitor is not None)
-        for summary in hparams(flatten(self.config), dict.fromkeys(tags, 0.0))[:2]:  # experiment, session start
+        for summary in hparams(flatten(self.run_info), dict.fromkeys(tags, 0.0))[:2]:  # experiment, session start
             self.writer.file_writer.add_summary(summary)
 
     def close(self):

@@ -264,6 +264,8 @@ def test_a_huge_value_is_not_echoed_whole(tmp_path, capsys):
 def malformed(checkpoint, kind):
     if kind == "int_run_id":
         checkpoint["run_id"] = 7
+    elif kind == "path_run_id":
+        checkpoint["run_id"] = "../elsewhere"
     elif kind == "bad_rng":
         checkpoint["rng"] = [{"python": 1, "numpy": 2, "torch": 3, "cuda": 4}]
     elif kind == "optimizer_groups":
@@ -283,7 +285,7 @@ def malformed(checkpoint, kind):
     return checkpoint
 
 
-@pytest.mark.parametrize("kind", ["int_run_id", "bad_rng", "optimizer_groups", "missing_trainer_key",
+@pytest.mark.parametrize("kind", ["int_run_id", "path_run_id", "bad_rng", "optimizer_groups", "missing_trainer_key",
                                   "list_config", "string_epoch", "string_counter", "negative_epoch", "huge_epoch"])
 def test_a_malformed_checkpoint_is_one_line_and_changes_nothing(four_epochs, tmp_path, capsys, kind):
     run = copy_of(four_epochs, tmp_path / "saved")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from utils.config_file import check_size
+from utils.config_file import check_size, is_name
 from utils.errors import CheckpointError, ConfigError
 from utils.util import atomic_link, atomic_write_bytes, claim_dir
 
@@ -115,7 +115,7 @@ def _structure_fault(c) -> str:
     t, runs = c["trainer"], c["rng"]
     checks = [
         ("config is not a mapping of at most 100000 values", lambda: isinstance(c["config"], dict) and _small(c["config"])),
-        ("run_id is not a run name", lambda: isinstance(c["run_id"], str) and 0 < len(c["run_id"]) <= 200),
+        ("run_id is not a run name", lambda: is_name(c["run_id"])),
         ("arch is not a name", lambda: isinstance(c["arch"], str)),
         (f"trainer must hold exactly {', '.join(sorted(TRAINER_KEYS))}",
          lambda: isinstance(t, dict) and set(t) == TRAINER_KEYS),

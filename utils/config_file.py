@@ -14,13 +14,13 @@ def load_config_file(path):
     path = Path(path)
     try:
         with open(path, "rb") as f:
-            data = f.read(MAX_BYTES + 1)  # bounded: `-c /dev/zero` must not fill the memory
-        text = data.decode("utf-8")
+            raw = f.read(MAX_BYTES + 1)  # bounded: `-c /dev/zero` must not fill the memory
+        text = raw.decode("utf-8")
     except OSError as e:
         raise ConfigError(f"cannot read config {path}: {e.strerror}") from None
     except UnicodeDecodeError as e:
         raise ConfigError(f"{path}: not UTF-8 text (byte {e.start})") from None
-    if len(data) > MAX_BYTES:
+    if len(raw) > MAX_BYTES:
         raise ConfigError(f"{path}: larger than {MAX_BYTES} bytes; not a config")
     try:
         if path.suffix in (".yaml", ".yml"):
@@ -98,6 +98,11 @@ def _unknown_key(config, path, item):
     hint = f"; did you mean {' or '.join(close)}?" if close else ""
     raise ConfigError(f"override {item[:80]!r}: no key {'.'.join(path)[:80]!r} in the config{hint} "
                       "(prefix with + to add a new key)")
+
+
+def is_name(name) -> bool:
+    """A single path component of 1-200 characters: a run id or an experiment name."""
+    return isinstance(name, str) and 0 < len(name) <= 200 and not set(name) & set("/\\\0") and name not in (".", "..")
 
 
 def where(path: str) -> str:
