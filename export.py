@@ -30,26 +30,44 @@ def export_torchscript(model, example, path):
         warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated upstream, still widely loaded
         warnings.simplefilter("error", torch.jit.TracerWarning)  # e.g. data-dependent control flow: a wrong trace
         torch.jit.save(torch.jit.trace(model, example), str(path))
-        return torch.jit.load(str(path))
+    return load_torchscript(path)
 
 
 def export_exported(model, example, path):
     batch = torch.export.Dim("batch", min=1)
     name = next(iter(inspect.signature(model.forward).parameters))
     torch.export.save(torch.export.export(model, (example,), dynamic_shapes={name: {0: batch}}), str(path))
-    return torch.export.load(str(path)).module()
+    return load_exported(path)
 
 
 def export_onnx(model, example, path):
-    import onnxruntime  # installed by the README's set-up
     name = next(iter(inspect.signature(model.forward).parameters))
     torch.onnx.export(model, (example,), str(path), input_names=["input"], output_names=["output"],
                       dynamic_shapes={name: {0: torch.export.Dim("batch", min=1)}}, dynamo=True, verbose=False)
+    return load_onnx(path)
+
+
+EXPORTERS = {"torchscript": export_torchscript, "exported": export_exported, "onnx": export_onnx}
+
+
+# Loading an artifact back: a function of an input batch (export verifies with it, predict.py runs it).
+def load_torchscript(path, device="cpu"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # deprecated upstream, as torch.jit.trace
+        return torch.jit.load(str(path), map_location=device)
+
+
+def load_exported(path, device="cpu"):
+    return torch.export.load(str(path)).module().to(device)
+
+
+def load_onnx(path, device="cpu"):
+    import onnxruntime  # the CPU build the README's set-up installs: outputs come back on the CPU
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     return lambda x: torch.from_numpy(session.run(None, {"input": x.cpu().numpy()})[0])
 
 
-EXPORTERS = {"torchscript": export_torchscript, "exported": export_exported, "onnx": export_onnx}
+LOADERS = {".ts": load_torchscript, ".pt2": load_exported, ".onnx": load_onnx}
 
 
 def evaluation_batch(config):
@@ -117,7 +135,8 @@ def main(argv=None):
     write_json({"run_id": config.run_id, "checkpoint": path.name, "arch": checkpoint["arch"],
                 "input": {"shape": [None, *inputs.shape[1:]], "dtype": str(inputs.dtype)},
                 "eval_transform": config["data_loader"]["eval_transform"], "class_names": class_names(dataset),
-                "tolerance": args.tolerance, "formats": results}, path.parent / "model.json")
+                "tolerance": args.tolerance, "formats": results, "config": config.config},
+               path.parent / "model.json")  # the config: predict.py on an artifact builds the same transforms
     if failed:
         print(f"error: not exported or not verified: {', '.join(failed)}", file=sys.stderr)
         return 1

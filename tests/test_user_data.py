@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, Run, assert_ok, call_main, make_image_folder, read_json, run_script
+from conftest import ROOT, Run, assert_ok, call_main, make_image_folder, read_csv, read_json, run_script
 
 TABULAR_DATA = '''
 import logging
@@ -206,6 +206,26 @@ def test_tabular_test_script_on_model_best(tabular, tabular_run):
     assert 0 <= out["accuracy"] <= 1 and np.isfinite(out["loss"])
 
 
+def test_predict_on_feature_rows_of_a_csv(tabular, tabular_run, tmp_path):
+    """Tabular features in a CSV with a header: one prediction per row, the MLP's own."""
+    x = torch.randn(7, 20, generator=torch.Generator().manual_seed(5))
+    np.savetxt(tmp_path / "rows.csv", x.numpy(), delimiter=",", header=",".join(f"f{i}" for i in range(20)),
+               comments="")
+    result = run_in(tabular, "predict.py", "-r", tabular_run.model_dir / "model_best.pth", tmp_path / "rows.csv",
+                    "-o", tmp_path / "p.csv")
+    assert_ok(result)
+    rows = read_csv(tmp_path / "p.csv")
+    namespace = {}
+    exec(MLP, namespace)  # the project's model/mlp.py
+    mlp = namespace["MLP"]()
+    mlp.load_state_dict(tabular_run.checkpoint()["model"])
+    with torch.no_grad():  # the CSV holds the values as text: float32 round trip within 1e-6
+        probs = mlp(torch.from_numpy(np.loadtxt(tmp_path / "rows.csv", delimiter=",", skiprows=1)).float()).softmax(1)
+    assert [r["input"] for r in rows] == [f"{tmp_path / 'rows.csv'}[{i}]" for i in range(7)]
+    assert [r["predicted"] for r in rows] == [str(int(i)) for i in probs.argmax(1)]
+    assert np.allclose([float(r["probability"]) for r in rows], probs.max(1).values, atol=1e-6)
+
+
 def test_training_augmentation_never_reaches_validation(tabular, tmp_path):
     """With lr 0 the model never changes, so validation numbers depend only on the validation data:
     a train_transform adding 1000 to every feature must leave them bitwise as they are without it,
@@ -301,6 +321,12 @@ def test_dict_samples_with_the_users_own_step(tmp_path):
     assert_ok(result)
     out = read_json(run.model_dir / "test_metrics.json")
     assert out["n_samples"] == 40 and np.isfinite(out["loss"])
+    # predict.py on the test split goes through the same step
+    result = run_in(project, "predict.py", "-r", run.model_dir / "model_best.pth")
+    assert_ok(result)
+    rows = read_csv(run.model_dir / "predictions.csv")
+    assert len(rows) == 40 and {r["target"] for r in rows} == {"0", "1"}
+    assert np.mean([r["predicted"] == r["target"] for r in rows]) == pytest.approx(out["accuracy"])
 
 
 # ---- torchvision models and datasets by dotted name -------------------------------------------
@@ -352,6 +378,20 @@ def test_torchvision_model_and_image_folder_train_resume_and_test(resnet_run):
     out = read_json(resnet_run.model_dir / "test_metrics.json")
     assert out["n_samples"] == 24 and {"loss", "accuracy", "macro_f1"} <= set(out)
     assert results["loss"] == out["loss"] and np.isfinite(out["loss"])
+
+
+def test_predict_names_image_folder_classes_and_files(resnet_run, tmp_path):
+    """predict.py on an image folder and on the test split: the folder names as classes, files as inputs."""
+    import predict
+    checkpoint = resnet_run.model_dir / "checkpoint-epoch1.pth"
+    call_main(predict.main, ["-r", checkpoint, resnet_run.root / "val", "-o", tmp_path / "val.csv", "--top-k", "3"])
+    rows = read_csv(tmp_path / "val.csv")
+    assert [r["input"] for r in rows] == sorted(str(f) for f in (resnet_run.root / "val").rglob("*.png"))
+    assert all(r["predicted"] in ("class0", "class1", "class2") and len(r["top_k"].split("; ")) == 3 for r in rows)
+    assert all(abs(sum(float(k.split(":")[1]) for k in r["top_k"].split("; ")) - 1) < 1e-3 for r in rows)
+    call_main(predict.main, ["-r", checkpoint, "-o", tmp_path / "test.csv"])
+    rows = read_csv(tmp_path / "test.csv")
+    assert len(rows) == 24 and all(Path(r["input"]).parent.name == r["target"] for r in rows)
 
 
 def test_loss_class_by_dotted_name_gets_its_args():

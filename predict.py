@@ -1,0 +1,283 @@
+"""Predict with a checkpoint or an exported model: python predict.py -r MODEL [INPUTS ...]
+
+MODEL: a checkpoint (or a run directory: its newest), or model.ts / model.pt2 / model.onnx from export.py.
+INPUTS: image files, or folders searched for them, transformed by the config's eval_transform; .csv files
+(a sample per row), .npy / .pt files (a sample per index of the first dimension); none: the test split.
+Writes predictions.csv beside MODEL (or -o FILE): input, predicted class, its probability and the top k (the
+output's values for a model that is not a classifier), and the target on the test split. An input that
+cannot be read or does not fit the model is reported in one line and skipped.
+"""
+import argparse
+import collections
+import csv
+import io
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from base.base_data_loader import Transformed, make_datasets, make_loader
+from export import LOADERS, class_names
+from logger import progress_bar
+from parse_config import ConfigParser
+from train import build_loss_and_metrics
+from trainer import Trainer
+from utils import prepare_device
+from utils.checkpoint import find_checkpoint, load_checkpoint, load_model_state
+from utils.errors import ConfigError, DataError, run_main
+from utils.registry import Registry
+from utils.util import atomic_write_text, to_device
+
+IMAGES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+TABLES = {".csv", ".npy", ".pt"}
+
+
+def load_model(path):
+    """(config, device, function of a batch of inputs, step, model.json) for a checkpoint or an artifact;
+    step(batch) -> (loss, output, target) is the run's own Trainer.step (None for an artifact)."""
+    if path.suffix in LOADERS:
+        info_file = path.with_name("model.json")
+        try:
+            info = json.loads(info_file.read_text())
+            raw = info["config"]
+        except (OSError, ValueError, KeyError, TypeError):
+            raise DataError(f"{info_file}: missing or without a config; run export.py on the checkpoint again") from None
+        config = ConfigParser(raw, [], Registry(), run_id=info.get("run_id"), resume=True)
+        device = prepare_device(config["n_gpu"], logging.getLogger("predict"))
+        return config, device, LOADERS[path.suffix](path, device), None, info
+    path = find_checkpoint(path)
+    checkpoint = load_checkpoint(path)
+    config = ConfigParser(checkpoint["config"], [], Registry(), run_id=checkpoint["run_id"], resume=True)
+    device = prepare_device(config["n_gpu"], logging.getLogger("predict"))
+    model = config.init_obj("arch")
+    load_model_state(model, checkpoint, path)
+    model = model.to(device).eval()
+    criterion, metrics = build_loss_and_metrics(config, device)
+    return config, device, model, Trainer(model, criterion, metrics, None, config, device).step, {}
+
+
+def datasets_if_here(config):
+    """make_datasets(config), or None where the data cannot be built here (e.g. in production)."""
+    try:
+        return make_datasets(config)
+    except (DataError, ConfigError):
+        return None
+
+
+def first_input(dataset):
+    """{shape, dtype} of the inputs of a dataset's first sample, if samples are (inputs, target) of tensors."""
+    sample = dataset[(0, 0)] if isinstance(dataset, Transformed) and dataset.seed is not None else dataset[0]
+    x = sample[0] if isinstance(sample, (tuple, list)) else None
+    return {"shape": [None, *x.shape], "dtype": str(x.dtype)} if torch.is_tensor(x) else None
+
+
+def read_table(path, shape, dtype):
+    """The samples of a .csv (a row each; a header line is skipped), .npy or .pt file, as `dtype`."""
+    if path.suffix == ".csv":
+        text = path.read_text()
+        try:
+            data = torch.from_numpy(np.loadtxt(io.StringIO(text), delimiter=",", ndmin=2))
+        except ValueError:  # a header line
+            data = torch.from_numpy(np.loadtxt(io.StringIO(text), delimiter=",", ndmin=2, skiprows=1))
+    else:
+        data = torch.from_numpy(np.load(path, allow_pickle=False)) if path.suffix == ".npy" \
+            else torch.load(path, weights_only=True, map_location="cpu")
+        if not torch.is_tensor(data):
+            raise ValueError(f"holds a {type(data).__name__}, not a tensor")
+    if shape is not None and list(data.shape) == shape:
+        data = data[None]  # one sample
+    data = data.to(dtype if dtype is not None else torch.float32 if data.is_floating_point() else data.dtype)
+    if shape is not None and data[0].numel() == int(np.prod(shape)):
+        data = data.reshape(len(data), *shape)  # e.g. a flattened image per row
+    return list(data)
+
+
+def list_inputs(paths, shape, dtype, skip):
+    """[(name, image path or tensor)]: image files (folders searched, in name order), rows of table files."""
+    items = []
+    for path in map(Path, paths):
+        files = sorted(f for f in path.rglob("*") if f.suffix.lower() in IMAGES | TABLES) if path.is_dir() else [path]
+        if path.is_dir() and not files:
+            skip(path, "no image, .csv, .npy or .pt file in this folder")
+        for file in files:
+            if not file.exists():
+                skip(file, "not found")
+            elif file.suffix.lower() in IMAGES:
+                items.append((str(file), file))  # decoded in the loader's workers
+            elif file.suffix.lower() not in TABLES:
+                skip(file, "not an image, .csv, .npy or .pt file")
+            else:
+                try:
+                    items += [(f"{file}[{i}]", row) for i, row in enumerate(read_table(file, shape, dtype))]
+                except (OSError, ValueError, RuntimeError, EOFError) as e:
+                    skip(file, f"unreadable: {' '.join(str(e).split())[:200]}")
+    return items
+
+
+class Inputs(Dataset):
+    """(name, tensor or the reason it cannot be read) per input; images are opened as training's
+    datasets open them (PIL; grayscale for a one-channel model) and given the eval transform."""
+
+    def __init__(self, items, transform, channels):
+        self.items, self.transform, self.mode = items, transform, "L" if channels == 1 else "RGB"
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        name, item = self.items[i]
+        if torch.is_tensor(item):
+            return name, item
+        from PIL import Image
+        from torchvision.transforms.v2 import functional as F
+        try:
+            with Image.open(item) as image:
+                x = self.transform(image.convert(self.mode)) if self.transform else image.convert(self.mode)
+            return name, F.to_dtype(F.to_image(x), torch.float32, scale=True) if not torch.is_tensor(x) else x
+        except Exception as e:  # noqa: BLE001 - any decoding or transform failure skips this input only
+            return name, f"unreadable: {' '.join(str(e).split())[:200] or type(e).__name__}"
+
+
+def as_list(batch):
+    return batch
+
+
+def predict_files(config, run, device, paths, expected, batch_size, skip):
+    """[(name, output, None)] for the inputs found under `paths`."""
+    shape = expected["shape"][1:] if expected else None
+    dtype = getattr(torch, expected["dtype"].removeprefix("torch.")) if expected else None
+    cfg = config["data_loader"]
+    transform = None
+    if cfg["eval_transform"]:
+        from torchvision.transforms.v2 import Compose
+        transform = Compose([config.init_obj(f"data_loader.eval_transform.{i}") for i in range(len(cfg["eval_transform"]))])
+    channels = shape[0] if shape is not None and len(shape) == 3 else 3
+    items = list_inputs(paths, shape, dtype, skip)
+    loader = DataLoader(Inputs(items, transform, channels), batch_size=batch_size, collate_fn=as_list,
+                        num_workers=min(cfg["num_workers"], len(items) // batch_size))
+    for batch in progress_bar(loader, desc="predict"):
+        good = []
+        for name, x in batch:
+            if isinstance(x, str):
+                skip(name, x)
+            elif shape is not None and list(x.shape) != shape:
+                skip(name, f"shape {list(x.shape)}, the model takes {shape}")
+            else:
+                shape = shape or list(x.shape)  # without the training data: the first input's
+                good.append((name, x))
+        if not good:
+            continue
+        try:
+            outputs = run(torch.stack([x for _, x in good]).to(device))
+        except (RuntimeError, ValueError) as e:  # only possible where the expected input is unknown
+            if expected is not None:
+                raise
+            raise DataError(f"the model rejects inputs of shape {shape} (that of {good[0][0]}): "
+                            f"{' '.join(str(e).split())[:200]}") from None
+        yield from ((name, out, None) for (name, _), out in zip(good, outputs))
+
+
+def predict_test_split(config, run, step, device, dataset):
+    """[(name, output, target)] for the samples of the test split, through the run's own step when known."""
+    names = iter(sample_names(dataset))  # consumed batch by batch
+    for batch in progress_bar(make_loader(config, dataset), desc="predict"):
+        batch = to_device(batch, device)
+        if step is not None:
+            _, output, target = step(batch)
+        elif isinstance(batch, (tuple, list)) and torch.is_tensor(batch[0]):
+            output, target = run(batch[0]), batch[1]
+        else:
+            raise DataError(f"data_loader: an exported model is run on (inputs, targets) batches; this dataset "
+                            f"gives {type(batch).__name__} batches: predict with the checkpoint")
+        yield from ((next(names), out, t) for out, t in zip(output, target))
+
+
+def sample_names(dataset):
+    """A name per sample: its file where the dataset lists them (ImageFolder's samples), else test[i]."""
+    indices = range(len(dataset))
+    while not hasattr(dataset, "samples") and hasattr(dataset, "dataset"):  # through Transformed, Subset
+        indices = [dataset.indices[i] for i in indices] if hasattr(dataset, "indices") else indices
+        dataset = dataset.dataset
+    return [str(dataset.samples[i][0]) if hasattr(dataset, "samples") else f"test[{i}]" for i in indices]
+
+
+def to_rows(results, classes, top_k):
+    """A predictions.csv row per (name, output, target): for a classifier's scores (logits or log-probabilities
+    alike) the softmax's top class, its probability and the top k; for other outputs, their values."""
+    def label(i):
+        return classes[i] if classes and 0 <= i < len(classes) else str(i)
+    for name, output, target in results:
+        output, row = output.detach().float().cpu(), {"input": name}
+        if output.ndim == 1 and len(output) > 1:
+            top = output.softmax(0).topk(min(top_k, len(output)))
+            row.update(predicted=label(int(top.indices[0])), probability=f"{top.values[0]:.6f}",
+                       top_k="; ".join(f"{label(int(i))}:{p:.4f}" for p, i in zip(top.values, top.indices)))
+        else:
+            row["output"] = json.dumps(output.tolist())
+        if target is not None:
+            row["target"] = label(int(target)) if target.numel() == 1 and "predicted" in row else json.dumps(target.tolist())
+        yield row
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Predict with a checkpoint or an exported model.")
+    p.add_argument("-r", "--resume", required=True, type=Path,
+                   help="checkpoint file, run directory (its newest), or model.ts / model.pt2 / model.onnx")
+    p.add_argument("inputs", nargs="*", help="image files or folders, .csv / .npy / .pt files; none: the test split")
+    p.add_argument("-o", "--output", type=Path, help="the CSV to write (default: predictions.csv beside the model)")
+    p.add_argument("--top-k", type=int, default=5, help="classes listed per input, most probable first (5)")
+    p.add_argument("--batch-size", type=int, help="inputs per batch (default: the config's data_loader.batch_size)")
+    p.add_argument("-d", "--device", help="GPU ids to use, e.g. 0 (sets CUDA_VISIBLE_DEVICES)")
+    args = p.parse_args(argv)
+    if args.device:
+        os.environ["CUDA_VISIBLE_DEVICES"] = args.device
+    if args.top_k < 1 or (args.batch_size is not None and args.batch_size < 1):
+        raise ConfigError("--top-k and --batch-size: must be at least 1")
+
+    start, skipped = time.perf_counter(), []
+    config, device, run, step, info = load_model(args.resume)
+    expected, classes = info.get("input"), info.get("class_names")  # an artifact's, from model.json
+    sets = make_datasets(config) if not args.inputs else datasets_if_here(config) if step is not None else None
+    if sets is not None and step is not None:  # a checkpoint: the inputs and class names of its data
+        dataset = next(sets[k] for k in ("test", "valid", "train") if sets[k] is not None)
+        expected, classes = first_input(dataset), class_names(dataset)
+    out = args.output or (args.resume if args.resume.is_dir() else args.resume.parent) / "predictions.csv"
+
+    def skip(name, reason):
+        skipped.append(name)
+        tqdm.write(f"skipped {name}: {reason}", file=sys.stderr)
+    if args.inputs:
+        results = predict_files(config, run, device, args.inputs, expected, args.batch_size or config["data_loader"]["batch_size"], skip)
+    else:
+        test_set = sets["test"]
+        if test_set is None:
+            raise ConfigError("data_loader: no test data (set data_loader.test_split or data_loader.test_dataset); "
+                              "or name inputs to predict")
+        results = predict_test_split(config, run, step, device, test_set)
+    with torch.no_grad():
+        rows = list(to_rows(results, classes, args.top_k))
+    if not rows:
+        raise DataError(f"no input could be predicted ({len(skipped)} skipped)")
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=list(rows[0]), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(text.getvalue(), out)
+    print(f"Predicted {len(rows)} input(s) in {time.perf_counter() - start:.1f} s, skipped {len(skipped)}; wrote {out}")
+    if "predicted" in rows[0]:
+        counts = collections.Counter(r["predicted"] for r in rows).most_common(5)
+        print("Most predicted: " + ", ".join(f"{c} ({n})" for c, n in counts))
+        if "target" in rows[0]:
+            print(f"Accuracy against the targets: {np.mean([r['predicted'] == r['target'] for r in rows]):.4f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(run_main(main))
