@@ -10,6 +10,7 @@ import argparse
 import contextlib
 import inspect
 import io
+import os
 import sys
 import warnings
 
@@ -43,7 +44,8 @@ def export_exported(model, example, path):
 def export_onnx(model, example, path):
     name = next(iter(inspect.signature(model.forward).parameters))
     torch.onnx.export(model, (example,), str(path), input_names=["input"], output_names=["output"],
-                      dynamic_shapes={name: {0: torch.export.Dim("batch", min=1)}}, dynamo=True, verbose=False)
+                      dynamic_shapes={name: {0: torch.export.Dim("batch", min=1)}}, dynamo=True, verbose=False,
+                      external_data=False)  # one self-contained file (below protobuf's 2 GB limit)
     return load_onnx(path)
 
 
@@ -115,17 +117,19 @@ def main(argv=None):
     results, failed = {}, []
     for fmt in args.format:
         out = path.parent / FORMATS[fmt]
+        tmp = out.with_name(f".{out.stem}.tmp{out.suffix}")  # renamed into place once complete: never a partial file
         try:
             # torch.export prints its partial graph and warnings to stderr on failure: the one line below says it
             with contextlib.redirect_stderr(io.StringIO()):
-                loaded = EXPORTERS[fmt](model, inputs[:2], out)  # traced on 2 samples, checked on the whole batch
+                loaded = EXPORTERS[fmt](model, inputs[:2], tmp)  # traced on 2 samples, checked on the whole batch
             with torch.no_grad():
                 diff = (loaded(inputs).float() - expected.float()).abs().max().item()
+            os.replace(tmp, out)
         except Exception as e:  # noqa: BLE001 - any exporter failure is reported per format
-            reason = reason_of(e)
-            print(f"{fmt}: cannot export {type(model).__name__}: {reason}")
+            print(f"{fmt}: cannot export {type(model).__name__}: {reason_of(e)}")
             failed.append(fmt)
-            out.unlink(missing_ok=True)
+            for stale in (tmp, out):  # an earlier export's file would not match model.json
+                stale.unlink(missing_ok=True)
             continue
         ok = diff <= args.tolerance
         print(f"{fmt}: wrote {out}; max |exported - eager| on {len(inputs)} samples = {diff:.3g} "

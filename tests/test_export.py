@@ -1,5 +1,6 @@
 """export.py: each format written beside the checkpoint, loaded back and verified against the eager model."""
 import json
+import shutil
 import subprocess
 import sys
 
@@ -7,6 +8,7 @@ import pytest
 import torch
 
 from conftest import ROOT, assert_ok, run_script, train
+from export import FORMATS
 
 
 @pytest.fixture(scope="module")
@@ -15,9 +17,12 @@ def run(tmp_path_factory):
                  "trainer.tensorboard=false")
 
 
-def test_every_format_is_written_verified_and_loads_in_plain_python(run):
+def test_every_format_is_written_verified_and_loads_in_plain_python(run, tmp_path):
     result = run_script("export.py", "-r", run.model_dir / "model_best.pth")
     assert_ok(result)
+    # each artifact is one self-contained file (no model.onnx.data beside it), and no temp file is left
+    assert {p.name for p in run.model_dir.iterdir()} == {".lock", "config.json", "checkpoint-epoch1.pth",
+                                                         "model_best.pth", "model.json", *FORMATS.values()}
     sidecar = json.loads((run.model_dir / "model.json").read_text())
     assert sidecar["input"] == {"shape": [None, 1, 8, 8], "dtype": "torch.float32"}
     assert sidecar["run_id"] == "run" and sidecar["checkpoint"] == "model_best.pth"
@@ -34,7 +39,8 @@ def test_every_format_is_written_verified_and_loads_in_plain_python(run):
     outputs = [torch.jit.load(str(run.model_dir / "model.ts"))(x),
                torch.export.load(str(run.model_dir / "model.pt2")).module()(x)]
     import onnxruntime
-    session = onnxruntime.InferenceSession(str(run.model_dir / "model.onnx"), providers=["CPUExecutionProvider"])
+    shutil.copy(run.model_dir / "model.onnx", tmp_path)  # alone, as a server would receive it
+    session = onnxruntime.InferenceSession(str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"])
     outputs.append(torch.from_numpy(session.run(None, {"input": x.numpy()})[0]))
     for out in outputs:
         assert out.shape == (5, 10) and torch.allclose(out, expected, atol=1e-4)
