@@ -40,7 +40,7 @@ DEFAULT_MODULES = {"optimizer": "torch.optim", "lr_scheduler": "torch.optim.lr_s
                    "train_transform": "torchvision.transforms.v2", "eval_transform": "torchvision.transforms.v2"}
 MINIMUM = {"n_gpu": 0, "seed": 0, "trainer.epochs": 1, "trainer.save_period": 1, "trainer.log_step": 1,
            "trainer.early_stop": 0, "trainer.keep_last": 0, "trainer.save_every_steps": 0, "trainer.accumulate_steps": 1,
-           "data_loader.batch_size": 1, "data_loader.num_workers": 0}
+           "data_loader.batch_size": 1, "data_loader.prefetch_factor": 1}
 MAXIMUM = {"seed": 2**32 - 1}  # numpy's limit; every other integer at most 2**31 - 1
 RESERVED = ("loss", "epoch", "lr", "epoch_seconds", "samples_per_second")  # columns the trainer writes itself
 EXTRA_KEYS = {"valid_dataset": ("optional",), "test_dataset": ("optional",), "metrics": ("name",), "lr_scheduler": ("interval",)}
@@ -150,6 +150,9 @@ class ConfigParser:
         for key, low in MINIMUM.items():
             if not low <= get_path(c, key) <= MAXIMUM.get(key, 2**31 - 1):
                 raise ConfigError(f"{key}: must be in [{low}, {MAXIMUM.get(key, 2**31 - 1)}], got {get_path(c, key)}")
+        if d["num_workers"] != "auto" and not (isinstance(d["num_workers"], int) and 0 <= d["num_workers"] <= 1024):
+            raise ConfigError(f"data_loader.num_workers: must be \"auto\" or in [0, 1024], got "
+                              f"{json.dumps(d['num_workers'])[:80]}")
         for key in ("validation_split", "test_split"):
             if not 0 <= d[key] < 1:
                 raise ConfigError(f"data_loader.{key}: must be in [0, 1), got {d[key]}")

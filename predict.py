@@ -23,7 +23,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from base.base_data_loader import Transformed, make_datasets, make_loader
+from base.base_data_loader import Transformed, auto_workers, make_datasets, make_loader
 from export import LOADERS, class_names
 from logger import progress_bar
 from parse_config import ConfigParser
@@ -160,8 +160,10 @@ def predict_files(config, run, device, paths, expected, batch_size, skip):
         transform = Compose([config.init_obj(f"data_loader.eval_transform.{i}") for i in range(len(cfg["eval_transform"]))])
     channels = shape[0] if shape is not None and len(shape) == 3 else 3
     items = list_inputs(paths, shape, dtype, skip)
-    loader = DataLoader(Inputs(items, transform, channels), batch_size=batch_size, collate_fn=as_list,
-                        num_workers=min(cfg["num_workers"], len(items) // batch_size))
+    inputs = Inputs(items, transform, channels)
+    workers = auto_workers(inputs) if cfg["num_workers"] == "auto" else cfg["num_workers"]
+    loader = DataLoader(inputs, batch_size=batch_size, collate_fn=as_list,
+                        num_workers=min(workers, len(items) // batch_size))  # none for a batch or two
     for batch in progress_bar(loader, desc="predict"):
         good = []
         for name, x in batch:
@@ -187,7 +189,7 @@ def predict_files(config, run, device, paths, expected, batch_size, skip):
 def predict_test_split(config, run, step, device, dataset):
     """[(name, output, target)] for the samples of the test split, through the run's own step when known."""
     names = iter(sample_names(dataset))  # consumed batch by batch
-    for batch in progress_bar(make_loader(config, dataset), desc="predict"):
+    for batch in progress_bar(make_loader(config, dataset, device=device), desc="predict"):
         batch = to_device(batch, device)
         if step is not None:
             _, output, target = step(batch)

@@ -54,10 +54,10 @@ def main(argv=None):
     test_set = make_datasets(config)["test"]
     if test_set is None:
         raise ConfigError("data_loader: no test data (set data_loader.test_split or data_loader.test_dataset)")
-    data_loader = make_loader(config, test_set)
+    device = prepare_device(config["n_gpu"], logger)
+    data_loader = make_loader(config, test_set, device=device)
     model = config.init_obj("arch")
     load_model_state(model, checkpoint, path)
-    device = prepare_device(config["n_gpu"], logger)
     model = model.to(device)
     criterion, metrics = build_loss_and_metrics(config, device)
     trainer = Trainer(model, criterion, metrics, None, config, device)

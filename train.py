@@ -49,7 +49,8 @@ def parse_args(argv=None):
 
 # What a resumed run takes from its checkpoint: overriding these would be silently undone (the
 # optimizer's state holds its lr), would move the run's place in the data, or would make it a
-# different run. (data_loader.num_workers may change: it does not change the batches.)
+# different run. (How the batches are loaded may change: it does not change them.)
+LOADING_ONLY = ("num_workers", "prefetch_factor")
 FIXED_ON_RESUME = ("name", "seed", "arch", "optimizer", "lr_scheduler", "loss", "metrics", "data_loader",
                    "trainer.monitor", "trainer.len_epoch", "trainer.accumulate_steps")
 
@@ -60,7 +61,7 @@ def _changed_on_resume(config, saved):
         for part in key.split("."):
             tree = tree.get(part) if isinstance(tree, dict) else None
         if key == "data_loader" and tree is not None:
-            tree = {k: v for k, v in tree.items() if k != "num_workers"}
+            tree = {k: v for k, v in tree.items() if k not in LOADING_ONLY}
         return tree
     return next((key for key in FIXED_ON_RESUME if get(config, key) != get(saved, key)), None)
 
@@ -148,9 +149,11 @@ def run(args, config, checkpoint, checkpoint_path, device, logger):
         raise ConfigError(f"data_loader.dataset: the training split of {config['data_loader']['dataset']['type']} is empty")
     if datasets["valid"] is None and (config.monitor[1] or "").startswith("val_"):
         raise ConfigError(f"trainer.monitor: {config.monitor[1]} needs validation data, but the validation split is empty")
-    data_loader, valid_data_loader = make_loader(config, datasets["train"], True), make_loader(config, datasets["valid"])
-    logger.info("Data: %d training, %d validation samples", len(datasets["train"]),
-                len(datasets["valid"]) if datasets["valid"] is not None else 0)
+    data_loader = make_loader(config, datasets["train"], True, device)
+    valid_data_loader = make_loader(config, datasets["valid"], device=device)
+    logger.info("Data: %d training, %d validation samples; %d loader worker(s) (data_loader.num_workers: %s)",
+                len(datasets["train"]), len(datasets["valid"]) if datasets["valid"] is not None else 0,
+                data_loader.num_workers, config["data_loader"]["num_workers"])
     model = config.init_obj("arch")
     if checkpoint is not None and not config.resume:
         load_model_state(model, checkpoint, checkpoint_path)  # fine-tuning: weights only

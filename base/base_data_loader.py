@@ -1,8 +1,11 @@
 """The template's data path: the datasets a config names, split, transformed and batched in an order that
 is a pure function of (seed, epoch), so resuming needs only the epoch and the number of batches taken."""
+import atexit
 import itertools
 import math
+import os
 import signal
+import weakref
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
@@ -22,7 +25,10 @@ LOADER_DEFAULTS = {
     "test_split": (0.0, float, "fraction of dataset held out for test.py (when test_dataset is null)"),
     "batch_size": (32, int, "samples per batch (per process under torchrun)"),
     "shuffle": (True, bool, "shuffle the training data, in an order fixed by seed and epoch"),
-    "num_workers": (0, int, "DataLoader worker processes; 0 = load in the main process"),
+    "num_workers": ("auto", (int, str), "DataLoader worker processes; 0 = load in the main process; \"auto\" = 0 "
+                                         "for in-memory tensors, else the CPUs of this process (per process "
+                                         "under torchrun), at most 8"),
+    "prefetch_factor": (4, int, "batches each worker loads ahead (with num_workers > 0)"),
     "train_transform": ([], list, "[{type, args}, ...] applied in order to each training sample"),
     "eval_transform": ([], list, "[{type, args}, ...] applied in order to each validation and test sample"),
 }
@@ -30,21 +36,45 @@ LOADER_DEFAULTS = {
 
 class Transformed(Dataset):
     """`dataset` with `transform` applied to each sample. With a `seed` (training) it is indexed by (epoch, index),
-    which seeds the transform's torch randomness: the same in a worker or the main process, resumed or not."""
+    which seeds the transform's torch randomness: the same in a worker or the main process, resumed or not.
+    `input_only`: the transform is torchvision's, which passes plain labels through untouched, so an
+    (input, label, ...) sample whose other items are not images, boxes or masks gives the same result when
+    only its input is transformed, without the per-transform cost of walking the whole sample."""
 
-    def __init__(self, dataset, transform, seed=None):
-        self.dataset, self.transform, self.seed = dataset, transform, seed
+    def __init__(self, dataset, transform, seed=None, input_only=False):
+        self.dataset, self.transform, self.seed, self.input_only = dataset, transform, seed, input_only
+
+    def _apply(self, sample):
+        if self.input_only and isinstance(sample, tuple) and len(sample) > 1 and \
+                not any(_is_visual(item) for item in sample[1:]):
+            return (self.transform(sample[0]), *sample[1:])
+        return self.transform(sample)
 
     def __len__(self):
         return len(self.dataset)
 
     def __getitem__(self, key):
+        return self.__getitems__([key])[0]
+
+    def __getitems__(self, keys):
+        """Samples of a batch of keys (torch's DataLoader fetches a batch through this): the RNG stream is
+        set aside once per batch, and each sample seeded, at about a microsecond per sample."""
         if self.seed is None:
-            return self.transform(self.dataset[key])
-        epoch, index = key
+            return [self._apply(self.dataset[key]) for key in keys]
+        samples, generator = [], torch.random.default_generator
         with torch.random.fork_rng(devices=[]):  # the process's own RNG stream is left as it was
-            torch.random.default_generator.manual_seed(((self.seed * 1_000_003 + epoch) * 1_000_033 + index) % 2**63)
-            return self.transform(self.dataset[index])
+            for epoch, index in keys:
+                generator.manual_seed(((self.seed * 1_000_003 + epoch) * 1_000_033 + index) % 2**63)
+                samples.append(self._apply(self.dataset[index]))
+        return samples
+
+
+def _is_visual(item) -> bool:
+    """What torchvision's transforms would transform with the input: a tv_tensor (image, boxes, mask...), a PIL
+    image, a tensor of 2 or more dimensions (with no image in the sample, its first plain tensor is one)."""
+    from torchvision import tv_tensors
+    return isinstance(item, tv_tensors.TVTensor) or type(item).__module__.startswith("PIL.") or \
+        (torch.is_tensor(item) and item.dim() >= 2)
 
 
 def split_indices(n, fractions, seed):
@@ -77,17 +107,31 @@ def make_datasets(config) -> dict:
                 else Subset(data, idx.tolist())
     for phase, key in (("train", "train_transform"), ("valid", "eval_transform"), ("test", "eval_transform")):
         if cfg[key]:  # each transform gets the whole sample; torchvision v2 transforms pass labels through
-            from torchvision.transforms.v2 import Compose  # slow to import: only when needed
-            transform = Compose([config.init_obj(f"data_loader.{key}.{i}") for i in range(len(cfg[key]))])
-            sets[phase] = Transformed(sets[phase], transform, config["seed"] if phase == "train" else None)
+            from torchvision.transforms.v2 import Compose, Transform  # slow to import: only when needed
+            transforms = [config.init_obj(f"data_loader.{key}.{i}") for i in range(len(cfg[key]))]
+            sets[phase] = Transformed(sets[phase], Compose(transforms), config["seed"] if phase == "train" else None,
+                                      input_only=all(isinstance(t, Transform) for t in transforms))
     return {phase: ds if len(ds) else None for phase, ds in sets.items()}
 
 
-def make_loader(config, dataset, training=False):
-    """The BaseDataLoader of a split from make_datasets() (None for None): training's shuffles, per config."""
+def auto_workers(dataset) -> int:
+    """num_workers "auto": none for in-memory tensors (batched by indexing, faster than any worker), else
+    one per CPU this process may use, sharing them with the other processes of this machine under torchrun."""
+    if isinstance(dataset, TensorDataset):
+        return 0
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(8, cpus // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
+
+
+def make_loader(config, dataset, training=False, device=None):
+    """The BaseDataLoader of a split from make_datasets() (None for None): training's shuffles, per config;
+    batches bound for `device` (pinned, or in-memory tensors moved there once, on a CUDA device)."""
     cfg = config["data_loader"]
-    return None if dataset is None else BaseDataLoader(
-        dataset, cfg["batch_size"], cfg["shuffle"] and training, cfg["num_workers"], config["seed"], even_shards=training)
+    if dataset is None:
+        return None
+    workers = auto_workers(dataset) if cfg["num_workers"] == "auto" else cfg["num_workers"]
+    return BaseDataLoader(dataset, cfg["batch_size"], cfg["shuffle"] and training, workers, config["seed"],
+                          even_shards=training, prefetch_factor=cfg["prefetch_factor"], device=device)
 
 
 class EpochBatchSampler:
@@ -128,6 +172,17 @@ class EpochBatchSampler:
         return iter([[(self.epoch, i) for i in b.tolist()] for b in batches] if self.keyed else batches)
 
 
+_LIVE = weakref.WeakSet()  # loaders whose workers may be running
+
+
+@atexit.register  # registered after multiprocessing's exit handler, so it runs before it
+def _close_loaders():
+    """Stop live workers at interpreter exit: they ignore SIGTERM, which multiprocessing's own exit
+    handler would send them, then wait forever (a loader kept in a global, a notebook, a script)."""
+    for loader in list(_LIVE):
+        loader.close()
+
+
 def _ignore_stop_signals(worker_id):
     """In DataLoader workers: leave SIGINT / SIGTERM to the main process, which finishes the step and saves;
     a scheduler or Ctrl-C signalling the whole process group must not kill the workers first."""
@@ -141,20 +196,35 @@ class BaseDataLoader:
     indexing; any other dataset goes through torch's DataLoader with `num_workers` worker processes."""
 
     def __init__(self, dataset: Dataset, batch_size: int, shuffle: bool = False, num_workers: int = 0,
-                 seed: int = 0, even_shards: bool = True):
-        self.dataset = dataset
+                 seed: int = 0, even_shards: bool = True, prefetch_factor: int = 4, device=None):
+        self.dataset, self.num_workers = dataset, num_workers
         self.sampler = EpochBatchSampler(len(dataset), batch_size, shuffle, seed, rank=dist.rank(),
                                          world_size=dist.world_size(), even_shards=even_shards)
         self.sampler.keyed = isinstance(dataset, Transformed) and dataset.seed is not None
-        self.pin_memory = torch.cuda.is_available()  # pinned host memory only pays off when copying to a GPU
-        self._loader = None
-        if not isinstance(dataset, TensorDataset) or num_workers > 0:
+        # Pinned host memory only pays off when the batches are copied to a CUDA device.
+        self.pin_memory = device is not None and torch.device(device).type == "cuda"
+        self.tensors, self._loader = None, None
+        if isinstance(dataset, TensorDataset) and num_workers == 0:
+            self.tensors = dataset.tensors
+            if self.pin_memory and sum(t.nbytes for t in self.tensors) <= torch.cuda.mem_get_info(device)[0] // 4:
+                # on the GPU once (leaving 3/4 of its free memory to training): batches are then indexed there
+                self.tensors, self.pin_memory = [t.to(device) for t in self.tensors], False
+        else:
             # Its own generator: worker seeds must not draw from (and so shift) the global RNG,
             # or a resumed run would see different dropout masks than an uninterrupted one.
             self._loader = DataLoader(dataset, batch_sampler=self.sampler, num_workers=num_workers,
                                       pin_memory=self.pin_memory, persistent_workers=num_workers > 0,
+                                      prefetch_factor=prefetch_factor if num_workers > 0 else None,
                                       generator=torch.Generator().manual_seed(seed),
                                       worker_init_fn=_ignore_stop_signals)
+            _LIVE.add(self)
+
+    def close(self) -> None:
+        """Stop the worker processes now (persistent ones otherwise live as long as this loader)."""
+        iterator = getattr(self._loader, "_iterator", None)  # where torch keeps persistent workers
+        if iterator is not None:
+            iterator._shutdown_workers()
+            self._loader._iterator = None
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         """Use `epoch`'s order on the next pass, beginning after its first `start_batch` batches."""
@@ -179,5 +249,5 @@ class BaseDataLoader:
 
     def _iter_tensors(self):
         for idx in self.sampler:
-            batch = tuple(t[idx] for t in self.dataset.tensors)
+            batch = tuple(t[idx.to(t.device)] for t in self.tensors)
             yield tuple(t.pin_memory() for t in batch) if self.pin_memory else batch

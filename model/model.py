@@ -54,3 +54,18 @@ class LinearModel(BaseModel):
 
     def forward(self, x):
         return F.log_softmax(self.fc(x.flatten(1)), dim=1)
+
+
+class SmallCNN(BaseModel):
+    """Two conv layers and global average pooling: images of any size and channel count; returns logits."""
+
+    def __init__(self, in_channels=3, num_classes=10, width=32):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, width, kernel_size=3, padding=1)
+        self.conv2 = nn.Conv2d(width, 2 * width, kernel_size=3, padding=1)
+        self.fc = nn.Linear(2 * width, num_classes)
+
+    def forward(self, x):
+        x = F.max_pool2d(F.relu(self.conv1(x)), 2)
+        x = F.relu(self.conv2(x))
+        return self.fc(x.mean(dim=(2, 3)))

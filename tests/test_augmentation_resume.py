@@ -119,6 +119,25 @@ def test_each_epoch_draws_new_crops_and_a_key_always_the_same(images):
     assert not torch.equal(unseeded[4][0], unseeded[4][0])
 
 
+def test_transforming_only_the_input_gives_what_the_whole_sample_gives(images):
+    """torchvision transforms pass labels through: the loader transforms only an image's input (faster),
+    with the same randomness, so the same crops as the whole (image, label) sample; a user's own
+    transform, or a sample with a mask or boxes, still gets the whole sample."""
+    from torchvision import tv_tensors
+
+    from base.base_data_loader import Transformed, make_datasets
+    train = make_datasets(image_config(images))["train"]
+    assert train.input_only
+    whole = Transformed(train.dataset, train.transform, seed=1)
+    for key in [(0, 0), (0, 5), (2, 26)]:
+        (x, y), (x_whole, y_whole) = train[key], whole[key]
+        assert torch.equal(x, x_whole) and y == y_whole
+    image, label = train.dataset[0]
+    mask = tv_tensors.Mask(torch.ones(image.size[1], image.size[0], dtype=torch.uint8))
+    joint = Transformed([(image, mask)], train.transform, seed=1, input_only=True)[(0, 0)]
+    assert joint[1].shape[-2:] == joint[0].shape[-2:] == (32, 32)  # cropped with the image
+
+
 def test_worker_and_main_process_draw_the_same_crops(images):
     from base import BaseDataLoader
     from base.base_data_loader import make_datasets

@@ -43,7 +43,7 @@ def test_missing_keys_get_their_documented_defaults():
     d = config["data_loader"]
     assert d["dataset"] == {"type": "DigitsDataset", "args": {"root": "data/"}}
     assert (d["valid_dataset"], d["test_dataset"], d["validation_split"], d["test_split"]) == (None, None, 0.0, 0.0)
-    assert (d["batch_size"], d["shuffle"], d["num_workers"]) == (32, True, 0)
+    assert (d["batch_size"], d["shuffle"], d["num_workers"], d["prefetch_factor"]) == (32, True, "auto", 4)
     assert (d["train_transform"], d["eval_transform"]) == ([], [])
     t = config["trainer"]
     assert (t["epochs"], t["save_dir"], t["save_period"], t["verbosity"]) == (10, "saved/", 1, 2)
@@ -298,7 +298,12 @@ ERRORS = [
     # A bad constructor value is rejected by the constructor; that, too, is one line.
     case("optimizer-lr-not-a-number", None, ["optimizer.args.lr=fast"], ["optimizer.args", "Adam rejected"]),
     case("batch-size-zero", None, ["data_loader.batch_size=0"], ["data_loader.batch_size: must be in [1, "]),
-    case("num-workers-negative", None, ["data_loader.num_workers=-1"], ["data_loader.num_workers: must be in [0, "]),
+    case("num-workers-negative", None, ["data_loader.num_workers=-1"],
+         ['data_loader.num_workers: must be "auto" or in [0, 1024], got -1']),
+    case("num-workers-word", None, ["data_loader.num_workers=many"],
+         ['data_loader.num_workers: must be "auto" or in [0, 1024], got "many"']),
+    case("num-workers-bool", None, ["data_loader.num_workers=true"], ["data_loader.num_workers"]),
+    case("prefetch-zero", None, ["data_loader.prefetch_factor=0"], ["data_loader.prefetch_factor: must be in [1, "]),
     case("dropout-out-of-range", None, ["arch.args.dropout=2"], ["arch.args", "DigitsModel rejected"]),
     # What the programs pass themselves (the model's parameters, the optimizer) cannot come from the
     # config, even though they are constructor parameters (which may otherwise be set without +).
