@@ -16,6 +16,7 @@ import logging
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -80,19 +81,28 @@ def first_input(dataset):
 
 def read_table(path, shape, dtype):
     """The samples of a .csv (a row each; a header line is skipped), .npy or .pt file, as `dtype`."""
-    if path.suffix == ".csv":
-        text = path.read_text()
-        try:
-            data = torch.from_numpy(np.loadtxt(io.StringIO(text), delimiter=",", ndmin=2))
-        except ValueError:  # a header line
-            data = torch.from_numpy(np.loadtxt(io.StringIO(text), delimiter=",", ndmin=2, skiprows=1))
-    else:
-        data = torch.from_numpy(np.load(path, allow_pickle=False)) if path.suffix == ".npy" \
-            else torch.load(path, weights_only=True, map_location="cpu")
-        if not torch.is_tensor(data):
-            raise ValueError(f"holds a {type(data).__name__}, not a tensor")
-    if shape is not None and list(data.shape) == shape:
+    suffix = path.suffix.lower()
+    with warnings.catch_warnings():  # numpy's and torch's warnings on odd files: the skip line says it
+        warnings.simplefilter("ignore")
+        if suffix == ".csv":
+            text = path.read_text()
+            try:
+                data = torch.from_numpy(np.loadtxt(io.StringIO(text), delimiter=",", ndmin=2))
+            except ValueError:  # a header line
+                data = torch.from_numpy(np.loadtxt(io.StringIO(text), delimiter=",", ndmin=2, skiprows=1))
+        elif suffix == ".npy":
+            data = torch.from_numpy(np.load(path, allow_pickle=False))
+        else:
+            try:  # never unpickle arbitrary objects from an input file
+                data = torch.load(path, weights_only=True, map_location="cpu")
+            except Exception:  # noqa: BLE001 - any unpickling failure
+                raise ValueError("not a tensor file that torch.load(weights_only=True) reads") from None
+    if not torch.is_tensor(data):
+        raise ValueError(f"holds a {type(data).__name__}, not a tensor")
+    if shape is not None and list(data.shape) == shape or data.dim() == 0:
         data = data[None]  # one sample
+    if not len(data):
+        raise ValueError("no samples in it")
     data = data.to(dtype if dtype is not None else torch.float32 if data.is_floating_point() else data.dtype)
     if shape is not None and data[0].numel() == int(np.prod(shape)):
         data = data.reshape(len(data), *shape)  # e.g. a flattened image per row
@@ -116,8 +126,8 @@ def list_inputs(paths, shape, dtype, skip):
             else:
                 try:
                     items += [(f"{file}[{i}]", row) for i, row in enumerate(read_table(file, shape, dtype))]
-                except (OSError, ValueError, RuntimeError, EOFError) as e:
-                    skip(file, f"unreadable: {' '.join(str(e).split())[:200]}")
+                except Exception as e:  # noqa: BLE001 - whatever a file holds, it skips this file only
+                    skip(file, f"unreadable: {' '.join(str(e).split())[:200] or type(e).__name__}")
     return items
 
 

@@ -1,6 +1,8 @@
 """predict.py: a checkpoint or an exported model on image files, table files and the test split; what
 cannot be read or does not fit is reported in one line and skipped."""
+import pickle
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -37,6 +39,9 @@ def inputs(tmp_path_factory):
     Image.fromarray(np.zeros((9, 9), np.uint8), "L").save(folder / "images" / "big.png")
     (folder / "images" / "broken.png").write_bytes(b"not a png")
     (folder / "notes.txt").write_text("not an input")
+    (folder / "empty.csv").write_text("")
+    torch.save({"x": x[:2]}, folder / "dict.pt")
+    (folder / "object.pt").write_bytes(pickle.dumps(Path("an object, not a tensor")))  # never unpickled
     np.savetxt(folder / "rows.csv", x[4:7].reshape(3, 64).numpy(), delimiter=",", header="p" * 64, comments="")
     np.save(folder / "batch.npy", x[7:9].numpy())
     expected = {**{str(folder / "images" / f"d{i}.png"): pixels[i][None].float() / 255 for i in range(4)},
@@ -72,17 +77,21 @@ def test_files_folders_and_tables_and_each_bad_input_one_line_skipped(model, inp
     path, eager = model
     folder, expected = inputs
     result = run_script("predict.py", "-r", path, folder / "images", folder / "rows.csv", folder / "batch.npy",
-                        folder / "notes.txt", folder / "absent.png", "-o", tmp_path / "p.csv", "--batch-size", "3")
+                        folder / "notes.txt", folder / "absent.png", folder / "empty.csv", folder / "dict.pt",
+                        folder / "object.pt", "-o", tmp_path / "p.csv", "--batch-size", "3")
     assert_ok(result)
     check_rows(read_csv(tmp_path / "p.csv"), eager, expected)
     skipped = sorted(result.stderr.strip().splitlines())
     assert skipped == sorted([
         f"skipped {folder / 'notes.txt'}: not an image, .csv, .npy or .pt file",
         f"skipped {folder / 'absent.png'}: not found",
+        f"skipped {folder / 'empty.csv'}: unreadable: no samples in it",
+        f"skipped {folder / 'dict.pt'}: unreadable: holds a dict, not a tensor",
+        f"skipped {folder / 'object.pt'}: unreadable: not a tensor file that torch.load(weights_only=True) reads",
         f"skipped {folder / 'images' / 'big.png'}: shape [1, 9, 9], the model takes [1, 8, 8]",
         f"skipped {folder / 'images' / 'broken.png'}: unreadable: cannot identify image file "
         f"'{folder / 'images' / 'broken.png'}'"]), result.stderr
-    assert "Predicted 9 input(s)" in result.stdout and "skipped 4" in result.stdout
+    assert "Predicted 9 input(s)" in result.stdout and "skipped 7" in result.stdout
 
 
 def test_exported_models_predict_what_the_checkpoint_predicts(model, inputs, tmp_path):
