@@ -24,7 +24,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from base.base_data_loader import Transformed, auto_workers, make_datasets, make_loader
+from base.base_data_loader import Transformed, auto_workers, make_datasets, make_loader, make_transform
 from export import LOADERS, class_names
 from logger import progress_bar
 from parse_config import ConfigParser
@@ -155,24 +155,17 @@ class Inputs(Dataset):
             return name, f"unreadable: {' '.join(str(e).split())[:200] or type(e).__name__}"
 
 
-def as_list(batch):
-    return batch
-
-
 def predict_files(config, run, device, paths, expected, batch_size, skip):
     """[(name, output, None)] for the inputs found under `paths`."""
     shape = expected["shape"][1:] if expected else None
     dtype = getattr(torch, expected["dtype"].removeprefix("torch.")) if expected else None
     cfg = config["data_loader"]
-    transform = None
-    if cfg["eval_transform"]:
-        from torchvision.transforms.v2 import Compose
-        transform = Compose([config.init_obj(f"data_loader.eval_transform.{i}") for i in range(len(cfg["eval_transform"]))])
+    transform, _ = make_transform(config, "eval_transform")  # an image is all of its sample here
     channels = shape[0] if shape is not None and len(shape) == 3 else 3
     items = list_inputs(paths, shape, dtype, skip)
     inputs = Inputs(items, transform, channels)
     workers = auto_workers(inputs) if cfg["num_workers"] == "auto" else cfg["num_workers"]
-    loader = DataLoader(inputs, batch_size=batch_size, collate_fn=as_list,
+    loader = DataLoader(inputs, batch_size=batch_size, collate_fn=list,  # (name, tensor or reason) pairs
                         num_workers=min(workers, len(items) // batch_size))  # none for a batch or two
     for batch in progress_bar(loader, desc="predict"):
         good = []
@@ -256,8 +249,13 @@ def main(argv=None):
     start, skipped = time.perf_counter(), []
     config, device, run, step, info = load_model(args.resume)
     expected, classes = info.get("input"), info.get("class_names")  # an artifact's, from model.json
-    sets = make_datasets(config) if not args.inputs else datasets_if_here(config) if step is not None else None
-    if sets is not None and step is not None:  # a checkpoint: the inputs and class names of its data
+    if not args.inputs:
+        sets = make_datasets(config)
+    elif step is not None:  # a checkpoint: the input shape and class names of its data, where that is here
+        sets = datasets_if_here(config)
+    else:
+        sets = None
+    if sets is not None and step is not None:
         dataset = next(sets[k] for k in ("test", "valid", "train") if sets[k] is not None)
         expected, classes = first_input(dataset), class_names(dataset)
     out = args.output or (args.resume if args.resume.is_dir() else args.resume.parent) / "predictions.csv"

@@ -106,12 +106,20 @@ def make_datasets(config) -> dict:
             sets[phase] = TensorDataset(*(t[idx] for t in data.tensors)) if isinstance(data, TensorDataset) \
                 else Subset(data, idx.tolist())
     for phase, key in (("train", "train_transform"), ("valid", "eval_transform"), ("test", "eval_transform")):
-        if cfg[key]:  # each transform gets the whole sample; torchvision v2 transforms pass labels through
-            from torchvision.transforms.v2 import Compose, Transform  # slow to import: only when needed
-            transforms = [config.init_obj(f"data_loader.{key}.{i}") for i in range(len(cfg[key]))]
-            sets[phase] = Transformed(sets[phase], Compose(transforms), config["seed"] if phase == "train" else None,
-                                      input_only=all(isinstance(t, Transform) for t in transforms))
+        transform, input_only = make_transform(config, key)
+        if transform is not None:  # each transform gets the whole sample; torchvision's pass labels through
+            sets[phase] = Transformed(sets[phase], transform, config["seed"] if phase == "train" else None, input_only)
     return {phase: ds if len(ds) else None for phase, ds in sets.items()}
+
+
+def make_transform(config, key):
+    """(the Compose of data_loader.<key>, whether every transform in it is torchvision's), or (None, False)."""
+    specs = config["data_loader"][key]
+    if not specs:
+        return None, False
+    from torchvision.transforms.v2 import Compose, Transform  # slow to import: only when needed
+    transforms = [config.init_obj(f"data_loader.{key}.{i}") for i in range(len(specs))]
+    return Compose(transforms), all(isinstance(t, Transform) for t in transforms)
 
 
 def auto_workers(dataset) -> int:

@@ -169,7 +169,7 @@ def seeding_cost(root):
     return extra / 20 / 64 * 1e6, full / 64 * 1e6
 
 
-def launch(args, *extra):
+def launch(*extra):
     """Run this file as one side in a fresh process: (its JSON line, launch time, exit time)."""
     launched = time.time()
     result = subprocess.run([sys.executable, __file__, *extra], capture_output=True, text=True)
@@ -216,12 +216,12 @@ def main():
                 save_dir = tmp / f"{side}{pair}"
                 save_dir.mkdir()
                 if side == "raw":
-                    runs[side], _ = launch(args, "--side", "raw", "--root", str(tmp / "images"),
+                    runs[side], _ = launch("--side", "raw", "--root", str(tmp / "images"),
                                            "--save-dir", str(save_dir), "--epochs", str(args.epochs))
                 else:
                     config = tmp / f"config{pair}.json"
                     config.write_text(json.dumps(template_config(tmp / "images", save_dir, args.epochs)))
-                    runs[side], result = launch(args, "--side", "template", "--config", str(config),
+                    runs[side], result = launch("--side", "template", "--config", str(config),
                                                 *(["--set", *args.set] if args.set else []))
                     workers = [line for line in result.stdout.splitlines() if "worker" in line.lower()]
             r, t = runs["raw"], runs["template"]
