@@ -70,10 +70,16 @@ class RunOutputs:
             self.csv.truncate(resumed_at[0])
         self.writer, self.monitor = None, monitor
         self.run_info = config  # written to TensorBoard with the first epoch, when the metric names are known
+        events = list(Path(log_dir).glob("events.out.tfevents.*")) if resumed_at is not None else []
+        if events and resumed_at[1] == 0:
+            # An attempt that kept no step: its events go whole. (purge_step would rely on the new file
+            # sorting after the old one, which its name, <time in seconds>.<host>.<pid>, does not ensure.)
+            for file in events:
+                file.unlink()
+            events = []
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter  # slow to import: only when enabled
-            logged = resumed_at is not None and any(Path(log_dir).glob("events.out.tfevents.*"))
-            self.writer = SummaryWriter(str(log_dir), purge_step=resumed_at[1] + 1 if logged else None)
+            self.writer = SummaryWriter(str(log_dir), purge_step=resumed_at[1] + 1 if events else None)
 
     def write_epoch(self, log: dict, step: int, images=None, best=None):
         """One epoch's row (and scalars); `best`: the monitored metric's best value so far (with a monitor)."""

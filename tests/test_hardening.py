@@ -167,6 +167,26 @@ def test_auto_resume_after_a_crash_in_the_first_epochs_logs_each_epoch_once(tmp_
     assert [e.step for e in events.Scalars("loss/train")] == [40, 80, 120]
 
 
+def test_a_restart_from_scratch_drops_earlier_events_whatever_their_file_names(tmp_path):
+    """Event files sort by <time in seconds>.<host>.<pid>: an earlier attempt's file can sort after the
+    restart's (same second, higher pid), where TensorBoard's purge_step would not reach it."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from torch.utils.tensorboard import SummaryWriter
+    save_dir = tmp_path / "saved"
+    run = Run(save_dir, "c")
+    run.log_dir.mkdir(parents=True)
+    with SummaryWriter(str(tmp_path / "old")) as writer:  # the crashed attempt's events, no checkpoint
+        for step in (40, 80):
+            writer.add_scalar("loss/train", 9.0, step)
+    old = next((tmp_path / "old").glob("events.out.tfevents.*"))
+    old.rename(run.log_dir / "events.out.tfevents.9999999999.host.99999.0")  # sorts after any new file
+    train_main("-c", "config.json", "--auto-resume", "--run-id", "c", f"trainer.save_dir={save_dir}",
+               "trainer.epochs=2", "trainer.verbosity=1")
+    events = EventAccumulator(str(run.log_dir))
+    events.Reload()
+    assert [(e.step, e.value != 9.0) for e in events.Scalars("loss/train")] == [(40, True), (80, True)]
+
+
 def test_a_crash_costs_at_most_one_epoch(tmp_path):
     """The rolling checkpoint: the newest epoch's is there even between save_period epochs."""
     save_dir = tmp_path / "saved"
