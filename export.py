@@ -17,11 +17,9 @@ import warnings
 import torch
 
 from base.base_data_loader import make_datasets, make_loader
-from parse_config import ConfigParser
 from utils import write_json
-from utils.checkpoint import find_checkpoint, load_checkpoint, load_model_state
 from utils.errors import DataError, run_main
-from utils.registry import Registry
+from utils.run import class_names, load_exported, load_onnx, load_run, load_torchscript
 
 FORMATS = {"torchscript": "model.ts", "exported": "model.pt2", "onnx": "model.onnx"}
 
@@ -52,26 +50,6 @@ def export_onnx(model, example, path):
 EXPORTERS = {"torchscript": export_torchscript, "exported": export_exported, "onnx": export_onnx}
 
 
-# Loading an artifact back: a function of an input batch (export verifies with it, predict.py runs it).
-def load_torchscript(path, device="cpu"):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)  # deprecated upstream, as torch.jit.trace
-        return torch.jit.load(str(path), map_location=device)
-
-
-def load_exported(path, device="cpu"):
-    return torch.export.load(str(path)).module().to(device)
-
-
-def load_onnx(path, device="cpu"):
-    import onnxruntime  # the CPU build the README's set-up installs: outputs come back on the CPU
-    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    return lambda x: torch.from_numpy(session.run(None, {"input": x.cpu().numpy()})[0])
-
-
-LOADERS = {".ts": load_torchscript, ".pt2": load_exported, ".onnx": load_onnx}
-
-
 def evaluation_batch(config):
     """Inputs of one real batch of the evaluation data (test, else validation, else training split)."""
     sets = make_datasets(config)
@@ -91,26 +69,16 @@ def reason_of(error) -> str:
     return " ".join(str(cause or error).split())[:300] or type(error).__name__
 
 
-def class_names(dataset):
-    """The dataset's `classes` (torchvision datasets have them), looking through Subset and transform wrappers."""
-    while dataset is not None and not hasattr(dataset, "classes"):
-        dataset = getattr(dataset, "dataset", None)
-    return list(map(str, dataset.classes)) if dataset is not None else None
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description="Export a checkpoint's model and verify the exported artifacts.")
     p.add_argument("-r", "--resume", required=True, help="checkpoint file, or a run directory (its newest)")
     p.add_argument("--format", nargs="+", choices=list(FORMATS), default=list(FORMATS), help="default: all")
     p.add_argument("--tolerance", type=float, default=1e-4, help="largest allowed |exported - eager| (1e-4)")
+    p.add_argument("--weights", default="model", help="the weights to export: model (default), or a callback's (ema)")
     args = p.parse_args(argv)
 
-    path = find_checkpoint(args.resume)
-    checkpoint = load_checkpoint(path)
-    config = ConfigParser(checkpoint["config"], [], Registry(), run_id=checkpoint["run_id"], resume=True)
-    model = config.init_obj("arch")
-    load_model_state(model, checkpoint, path)
-    model.eval()
+    run = load_run(args.resume, weights=args.weights, device=torch.device("cpu"))
+    config, path, model = run.config, run.path, run.model
     inputs, dataset = evaluation_batch(config)
     with torch.no_grad():
         expected = model(inputs)
@@ -136,7 +104,7 @@ def main(argv=None):
               f"({'within' if ok else 'ABOVE'} the tolerance {args.tolerance:g})")
         results[fmt] = {"file": out.name, "max_abs_diff": diff, "verified": ok}
         failed += [] if ok else [fmt]
-    write_json({"run_id": config.run_id, "checkpoint": path.name, "arch": checkpoint["arch"],
+    write_json({"run_id": config.run_id, "checkpoint": path.name, "weights": args.weights, "arch": run.checkpoint["arch"],
                 "input": {"shape": [None, *inputs.shape[1:]], "dtype": str(inputs.dtype)},
                 "eval_transform": config["data_loader"]["eval_transform"], "class_names": class_names(dataset),
                 "tolerance": args.tolerance, "formats": results, "config": config.config},

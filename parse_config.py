@@ -14,7 +14,7 @@ import torch
 
 from base.base_data_loader import LOADER_DEFAULTS
 from base.base_metric import snake_case
-from base.base_trainer import TRAINER_DEFAULTS
+from base.base_trainer import TRAINER_DEFAULTS, BaseTrainer
 from utils.config_file import (apply_override, check_keys, check_type, get_path, is_name,  # noqa: F401
                                load_config_file, where)
 from utils.errors import REQUIRED, ConfigError, DataError
@@ -32,6 +32,7 @@ TOP_LEVEL = {
     "metrics": ([], list, "metric names (or {type, args, name}), computed over training and validation epochs"),
     "lr_scheduler": (None, (dict, type(None)), "{type: a torch.optim.lr_scheduler name, args, interval: "
                      "\"epoch\" or \"step\"}; null = constant learning rate"),
+    "callbacks": ([], list, "[{type, args[, name]}, ...]: objects whose on_* methods the trainer calls"),
     "trainer": ({}, dict, "training loop settings; see the trainer table"),
 }
 SECTIONS = {"data_loader": LOADER_DEFAULTS, "trainer": TRAINER_DEFAULTS}
@@ -43,7 +44,8 @@ MINIMUM = {"n_gpu": 0, "seed": 0, "trainer.epochs": 1, "trainer.save_period": 1,
            "data_loader.batch_size": 1, "data_loader.prefetch_factor": 1}
 MAXIMUM = {"seed": 2**32 - 1}  # numpy's limit; every other integer at most 2**31 - 1
 RESERVED = ("loss", "epoch", "lr", "epoch_seconds", "samples_per_second")  # columns the trainer writes itself
-EXTRA_KEYS = {"valid_dataset": ("optional",), "test_dataset": ("optional",), "metrics": ("name",), "lr_scheduler": ("interval",)}
+EXTRA_KEYS = {"valid_dataset": ("optional",), "test_dataset": ("optional",), "metrics": ("name",),
+              "callbacks": ("name",), "lr_scheduler": ("interval",)}
 
 
 def spec_of(value) -> dict:
@@ -53,8 +55,12 @@ def spec_of(value) -> dict:
 
 def object_paths(config):
     """The key path of every {type, args} (or bare name) the config asks to build."""
-    paths = ["arch", "optimizer", "loss", *(f"metrics.{i}" for i in range(len(config["metrics"])))]
-    paths += ["lr_scheduler"] * (config["lr_scheduler"] is not None)
+    paths = ["arch", "optimizer", "loss", *(f"{key}.{i}" for key in ("metrics", "callbacks")
+                                            for i in range(len(config[key])))]
+    if config["lr_scheduler"] is not None:  # SequentialLR and ChainedScheduler: their schedulers first
+        inner = config["lr_scheduler"].get("args", {}).get("schedulers")
+        paths += [f"lr_scheduler.args.schedulers.{i}" for i in range(len(inner))] if is_chain(inner) else []
+        paths += ["lr_scheduler"]
     data = config["data_loader"]
     paths += [f"data_loader.{k}" for k in ("dataset", "valid_dataset", "test_dataset") if data[k] is not None]
     for key in ("train_transform", "eval_transform"):
@@ -62,12 +68,19 @@ def object_paths(config):
     return paths
 
 
-def parse_monitor(monitor: str, metric_names):
-    """('min'|'max', metric) from a trainer.monitor string, or ('off', None); ConfigError if malformed."""
+def is_chain(schedulers) -> bool:
+    """Whether lr_scheduler.args.schedulers is a list of specs (SequentialLR's, ChainedScheduler's) to build."""
+    return isinstance(schedulers, list) and bool(schedulers) and all(isinstance(s, (str, dict)) for s in schedulers)
+
+
+def parse_monitor(monitor: str, metric_names, callbacks=()):
+    """('min'|'max', metric) from a trainer.monitor string, or ('off', None); ConfigError if malformed.
+    `callbacks`: their classes; each may declare in `logs` what it adds to the epoch's log ("val_ema_{metric}")."""
     if monitor == "off":
         return "off", None
     names = ["loss", *metric_names]
     names += ["val_" + n for n in names]
+    names += [key.format(metric=n) for cls in callbacks for key in getattr(cls, "logs", ()) for n in names[:len(names) // 2]]
     parts = monitor.split()
     if len(parts) != 2 or parts[0] not in ("min", "max") or parts[1] not in names:
         raise ConfigError(f"trainer.monitor: {monitor[:80]!r} is not 'off' or 'min|max METRIC' "
@@ -128,10 +141,13 @@ class ConfigParser:
         return self.registry.resolve(spec_of(get_path(self.config, path))["type"], where(path) + (
             ".type" if isinstance(get_path(self.config, path), dict) else ""), DEFAULT_MODULES.get(section))
 
+    def names(self, key="metrics") -> list:
+        """What each metric (or callback) is called in logs (and checkpoints): its "name", else its snake_case."""
+        return [m.get("name") or snake_case(m["type"].rpartition(".")[2]) for m in map(spec_of, self.config[key])]
+
     @property
     def metric_names(self) -> list:
-        """What each metric is called in logs and trainer.monitor: its "name", else its snake_case name."""
-        return [m.get("name") or snake_case(m["type"].rpartition(".")[2]) for m in map(spec_of, self.config["metrics"])]
+        return self.names("metrics")
 
     def _params(self, path):
         """Constructor parameters of what the spec at `path` names (settable by override without +)."""
@@ -167,14 +183,19 @@ class ConfigParser:
                               f"{', '.join(torch.compiler.list_backends(exclude_tags=()))}")
         for path in object_paths(c):
             self._check_spec(path)
+        trainer = self.resolve("trainer")
+        if not (inspect.isclass(trainer) and issubclass(trainer, BaseTrainer)):
+            raise ConfigError(f"trainer.type: {t['type'][:80]} is not a BaseTrainer subclass (see trainer/trainer.py)")
         names = self.metric_names
         reserved = next((n for n in names if n in RESERVED or n.startswith("val_")), None)
         if reserved:
             raise ConfigError(f"metrics: {reserved!r} is a name the trainer logs itself; give the metric another \"name\"")
-        if len(set(names)) < len(names):
-            raise ConfigError(f"metrics: two metrics are named {next(n for n in names if names.count(n) > 1)!r}; "
-                              "give one a \"name\"")
-        self.monitor = mode, metric = parse_monitor(t["monitor"], names)
+        for key, given in (("metrics", names), ("callbacks", self.names("callbacks"))):
+            if len(set(given)) < len(given):
+                raise ConfigError(f"{key}: two {key} are named {next(n for n in given if given.count(n) > 1)!r}; "
+                                  "give one a \"name\"")
+        callbacks = [self.resolve(f"callbacks.{i}") for i in range(len(c["callbacks"]))]
+        self.monitor = mode, metric = parse_monitor(t["monitor"], names, callbacks)
         if (metric or "").startswith("val_") and not (d["validation_split"] or d["valid_dataset"]):
             raise ConfigError(f"trainer.monitor: {metric} needs validation data (data_loader.validation_split "
                               "or data_loader.valid_dataset)")
@@ -204,14 +225,15 @@ class ConfigParser:
         value.setdefault("args", {})
         check_type(value["args"], dict, f"{where(path)}.args")
         obj = self.resolve(path)
-        extra = (None,) if path in ("optimizer", "lr_scheduler") else ()  # parameters / the optimizer
+        extra = (None,) if path == "optimizer" else ()  # its parameters
+        extra_kw = {"optimizer": None} if path.startswith("lr_scheduler") else {}  # ChainedScheduler's 2nd
         try:
             signature = inspect.signature(obj)
         except (TypeError, ValueError):  # some builtins have none
             return obj
         try:
             (signature.bind_partial if inspect.isfunction(obj) and not path.startswith(("arch", "data_loader"))
-             else signature.bind)(*extra, **value["args"])
+             else signature.bind)(*extra, **value["args"], **extra_kw)
         except TypeError as e:
             raise ConfigError(f"{where(path)}.args: {e} (signature: {value['type']}{signature})") from None
         return obj
@@ -220,12 +242,12 @@ class ConfigParser:
         """Build the spec at `path`: type(*args, **config args, **kwargs). Runtime objects (model
         parameters, the optimizer) come in through args / kwargs, never through the config."""
         spec = spec_of(get_path(self.config, path))
-        overlap = set(kwargs) & set(spec["args"])
+        overlap = set(kwargs) & set(spec["args"]) - {"schedulers"}  # a chain's specs, replaced by what they build
         if overlap:
             raise ConfigError(f"{where(path)}.args: {', '.join(sorted(overlap))} is set by the program, not the config")
         obj = self.resolve(path)
         try:
-            return obj(*args, **{k: _arg(v) for k, v in spec["args"].items()}, **kwargs)
+            return obj(*args, **{**{k: _arg(v) for k, v in spec["args"].items()}, **kwargs})
         except (TypeError, ValueError) as e:
             raise ConfigError(f"{where(path)}.args: {spec['type']} rejected {json.dumps(spec['args'])[:200]}: "
                               f"{str(e)[:300]}") from None
@@ -235,6 +257,14 @@ class ConfigParser:
                 raise
             raise (DataError if data else ConfigError)(
                 f"{where(path)}: {spec['type']} failed: {str(e).strip()[:300]}{_files_hint(obj, spec)}") from None
+
+    def init_scheduler(self, optimizer):
+        """lr_scheduler on `optimizer`; for SequentialLR and ChainedScheduler, the schedulers of its args first."""
+        inner = self["lr_scheduler"]["args"].get("schedulers")
+        if not is_chain(inner):
+            return self.init_obj("lr_scheduler", optimizer=optimizer)
+        schedulers = [self.init_obj(f"lr_scheduler.args.schedulers.{i}", optimizer) for i in range(len(inner))]
+        return self.init_obj("lr_scheduler", optimizer=optimizer, schedulers=schedulers)
 
     def init_ftn(self, path):
         """A loss or metric: a class is instantiated with its args; a function gets them bound."""

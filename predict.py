@@ -25,43 +25,23 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from base.base_data_loader import Transformed, auto_workers, make_datasets, make_loader, make_transform
-from export import LOADERS, class_names
 from logger import progress_bar
-from parse_config import ConfigParser
-from train import build_loss_and_metrics
-from trainer import Trainer
-from utils import prepare_device
-from utils.checkpoint import find_checkpoint, load_checkpoint, load_model_state
 from utils.errors import ConfigError, DataError, run_main
-from utils.registry import Registry
+from utils.run import LOADERS, class_names, load_artifact, load_run
 from utils.util import atomic_write_text, to_device
 
 IMAGES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 TABLES = {".csv", ".npy", ".pt"}
 
 
-def load_model(path):
+def load_model(path, weights):
     """(config, device, function of a batch of inputs, step, model.json) for a checkpoint or an artifact;
     step(batch) -> (loss, output, target) is the run's own Trainer.step (None for an artifact)."""
     if path.suffix in LOADERS:
-        info_file = path.with_name("model.json")
-        try:
-            info = json.loads(info_file.read_text())
-            raw = info["config"]
-        except (OSError, ValueError, KeyError, TypeError):
-            raise DataError(f"{info_file}: missing or without a config; run export.py on the checkpoint again") from None
-        config = ConfigParser(raw, [], Registry(), run_id=info.get("run_id"), resume=True)
-        device = prepare_device(config["n_gpu"], logging.getLogger("predict"))
-        return config, device, LOADERS[path.suffix](path, device), None, info
-    path = find_checkpoint(path)
-    checkpoint = load_checkpoint(path)
-    config = ConfigParser(checkpoint["config"], [], Registry(), run_id=checkpoint["run_id"], resume=True)
-    device = prepare_device(config["n_gpu"], logging.getLogger("predict"))
-    model = config.init_obj("arch")
-    load_model_state(model, checkpoint, path)
-    model = model.to(device).eval()
-    criterion, metrics = build_loss_and_metrics(config, device)
-    return config, device, model, Trainer(model, criterion, metrics, None, config, device).step, {}
+        config, device, run, info = load_artifact(path)
+        return config, device, run, None, info
+    run = load_run(path, weights=weights)
+    return run.config, run.device, run.model, run.trainer.step, {}
 
 
 def datasets_if_here(config):
@@ -240,6 +220,7 @@ def main(argv=None):
     p.add_argument("--top-k", type=int, default=5, help="classes listed per input, most probable first (5)")
     p.add_argument("--batch-size", type=int, help="inputs per batch (default: the config's data_loader.batch_size)")
     p.add_argument("-d", "--device", help="GPU ids to use, e.g. 0 (sets CUDA_VISIBLE_DEVICES)")
+    p.add_argument("--weights", default="model", help="a checkpoint's weights: model (default), or a callback's (ema)")
     args = p.parse_args(argv)
     if args.device:
         os.environ["CUDA_VISIBLE_DEVICES"] = args.device
@@ -247,7 +228,7 @@ def main(argv=None):
         raise ConfigError("--top-k and --batch-size: must be at least 1")
 
     start, skipped = time.perf_counter(), []
-    config, device, run, step, info = load_model(args.resume)
+    config, device, run, step, info = load_model(args.resume, args.weights)
     expected, classes = info.get("input"), info.get("class_names")  # an artifact's, from model.json
     if not args.inputs:
         sets = make_datasets(config)

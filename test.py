@@ -9,13 +9,9 @@ import os
 
 from base.base_data_loader import make_datasets, make_loader
 from logger import setup_logging
-from parse_config import ConfigParser
-from train import build_loss_and_metrics
-from trainer import Trainer
-from utils import prepare_device, write_json
-from utils.checkpoint import find_checkpoint, load_checkpoint, load_model_state
+from utils import write_json
 from utils.errors import ConfigError, run_main
-from utils.registry import Registry
+from utils.run import load_run
 
 
 def _changed_split(config, saved):
@@ -36,36 +32,27 @@ def main(argv=None):
     p = argparse.ArgumentParser(description="Evaluate a checkpoint on the test split.")
     p.add_argument("-r", "--resume", required=True, help="checkpoint file, or a run directory (its newest)")
     p.add_argument("-d", "--device", help="GPU ids to use, e.g. 0 (sets CUDA_VISIBLE_DEVICES)")
+    p.add_argument("--weights", default="model", help="the weights to test: model (default), or a callback's (ema)")
+    p.add_argument("--bs", type=int, help="shortcut for data_loader.batch_size=BS")
     p.add_argument("overrides", nargs="*", metavar="KEY.PATH=VALUE", help="override a value of the checkpoint's config")
     args = p.parse_intermixed_args(argv)
     if args.device:
         os.environ["CUDA_VISIBLE_DEVICES"] = args.device
-
-    path = find_checkpoint(args.resume)
-    checkpoint = load_checkpoint(path)
-    config = ConfigParser(checkpoint["config"], args.overrides, Registry(), run_id=checkpoint["run_id"], resume=True)
-    setup_logging(None, config["trainer"]["verbosity"])
-    logger = logging.getLogger("test")
-
-    changed = _changed_split(config.config, checkpoint["config"])
+    args.overrides += [f"data_loader.batch_size={args.bs}"] * (args.bs is not None)
+    setup_logging(None, 1)
+    run = load_run(args.resume, args.overrides, args.weights, logger=logging.getLogger("test"))
+    config = run.config
+    changed = _changed_split(config.config, run.checkpoint["config"])
     if changed:
         raise ConfigError(f"{changed}: changing it would put training samples into the test split; evaluate on "
                           "other data with data_loader.test_dataset")
     test_set = make_datasets(config)["test"]
     if test_set is None:
         raise ConfigError("data_loader: no test data (set data_loader.test_split or data_loader.test_dataset)")
-    device = prepare_device(config["n_gpu"], logger)
-    data_loader = make_loader(config, test_set, device=device)
-    model = config.init_obj("arch")
-    load_model_state(model, checkpoint, path)
-    model = model.to(device)
-    criterion, metrics = build_loss_and_metrics(config, device)
-    trainer = Trainer(model, criterion, metrics, None, config, device)
-
-    results = trainer.evaluate(data_loader, desc="test")
+    results = run.trainer.evaluate(make_loader(config, test_set, device=run.device), desc="test")
     results["n_samples"] = len(test_set)
-    out = path.parent / "test_metrics.json"
-    write_json({"checkpoint": path.name, "overrides": args.overrides, **results}, out)
+    out = run.path.parent / "test_metrics.json"
+    write_json({"checkpoint": run.path.name, "weights": args.weights, "overrides": args.overrides, **results}, out)
     print(json.dumps(results, indent=2))
     print(f"Wrote {out}")
     return results

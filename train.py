@@ -10,15 +10,14 @@ from torch.nn.parallel import DistributedDataParallel
 
 import utils.dist as dist
 from base.base_data_loader import make_datasets, make_loader
-from base.base_metric import metric_object
 from logger import setup_logging
 from parse_config import ConfigParser, load_config_file
-from trainer import Trainer
 from utils import prepare_device, seed_everything
 from utils.checkpoint import find_checkpoint, latest_checkpoint, load_checkpoint, load_model_state
 from utils.errors import ConfigError, TrainingError, UserError, run_main
 from utils.preemption import Preempted
 from utils.registry import Registry
+from utils.run import build_callbacks, build_loss_and_metrics
 
 
 def parse_args(argv=None):
@@ -51,8 +50,8 @@ def parse_args(argv=None):
 # optimizer's state holds its lr), would move the run's place in the data, or would make it a
 # different run. (How the batches are loaded may change: it does not change them.)
 LOADING_ONLY = ("num_workers", "prefetch_factor")
-FIXED_ON_RESUME = ("name", "seed", "arch", "optimizer", "lr_scheduler", "loss", "metrics", "data_loader",
-                   "trainer.monitor", "trainer.len_epoch", "trainer.accumulate_steps")
+FIXED_ON_RESUME = ("name", "seed", "arch", "optimizer", "lr_scheduler", "loss", "metrics", "callbacks", "data_loader",
+                   "trainer.type", "trainer.monitor", "trainer.len_epoch", "trainer.accumulate_steps")
 
 
 def _changed_on_resume(config, saved):
@@ -105,15 +104,6 @@ def setup_device(n_gpu, logger) -> torch.device:
     return device or prepare_device(n_gpu, logger)
 
 
-def build_loss_and_metrics(config, device):
-    """The loss (a module is moved to `device`) and {name: metric} (functions wrapped as batch means)."""
-    criterion = config.init_ftn("loss")
-    if not callable(criterion):
-        raise ConfigError(f"loss: {type(criterion).__name__} is not callable as loss(output, target)")
-    criterion = criterion.to(device) if isinstance(criterion, torch.nn.Module) else criterion
-    return criterion, {name: metric_object(config.init_ftn(f"metrics.{i}")) for i, name in enumerate(config.metric_names)}
-
-
 def dry_run(trainer, batches):
     """Train `batches` batches from the start of the next epoch (even when resuming mid-epoch) and validate on
     `batches` batches; write nothing."""
@@ -131,16 +121,17 @@ def main(argv=None):
         os.environ["CUDA_VISIBLE_DEVICES"] = args.device  # before anything touches CUDA
     config, checkpoint, checkpoint_path = build_config(args, Registry())
     logger = logging.getLogger("train")
+    rank = int(os.environ.get("RANK", 0))
+    verbosity = config["trainer"]["verbosity"] if rank == 0 else 0  # other ranks: warnings only
+    setup_logging(None, verbosity)  # console only until the run has a directory
     device = setup_device(config["n_gpu"], logger)
     try:
-        run(args, config, checkpoint, checkpoint_path, device, logger)
+        run(args, config, checkpoint, checkpoint_path, device, logger, verbosity)
     finally:
         dist.cleanup()
 
 
-def run(args, config, checkpoint, checkpoint_path, device, logger):
-    verbosity = config["trainer"]["verbosity"] if dist.is_main_process() else 0  # other ranks: warnings only
-    setup_logging(None, verbosity)  # console only until the run has a directory
+def run(args, config, checkpoint, checkpoint_path, device, logger, verbosity):
     seed_everything(config["seed"] + dist.rank())  # rank-distinct dropout; data order is seeded separately
 
     # Build everything before creating any directory, so a bad config leaves nothing behind.
@@ -156,7 +147,7 @@ def run(args, config, checkpoint, checkpoint_path, device, logger):
                 data_loader.num_workers, config["data_loader"]["num_workers"])
     model = config.init_obj("arch")
     if checkpoint is not None and not config.resume:
-        load_model_state(model, checkpoint, checkpoint_path)  # fine-tuning: weights only
+        load_model_state(model, checkpoint["model"], checkpoint_path, checkpoint["arch"])  # fine-tuning: weights only
         logger.info("Fine-tuning from the weights in %s", checkpoint_path)
     logger.info(model)
     model = model.to(device)
@@ -168,9 +159,11 @@ def run(args, config, checkpoint, checkpoint_path, device, logger):
     criterion, metrics = build_loss_and_metrics(config, device)
     trainable_params = [p for p in model.parameters() if p.requires_grad]
     optimizer = config.init_obj("optimizer", trainable_params)
-    lr_scheduler = config.init_obj("lr_scheduler", optimizer) if config["lr_scheduler"] else None
-    trainer = Trainer(model, criterion, metrics, optimizer, config, device,
-                      data_loader=data_loader, valid_data_loader=valid_data_loader, lr_scheduler=lr_scheduler)
+    lr_scheduler = config.init_scheduler(optimizer) if config["lr_scheduler"] else None
+    callbacks = build_callbacks(config)
+    trainer = config.resolve("trainer")(model, criterion, metrics, optimizer, config, device, data_loader=data_loader,
+                                        valid_data_loader=valid_data_loader, lr_scheduler=lr_scheduler,
+                                        callbacks=callbacks)
     if config.resume:
         trainer.load_state_dict(checkpoint, checkpoint_path)
 

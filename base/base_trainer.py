@@ -12,8 +12,9 @@ import torch
 
 import utils.dist as dist
 from base.base_metric import MetricTracker, batch_size
-from logger import RunOutputs, image_batch, progress_bar
-from utils.checkpoint import check_resumable, is_rolling, load_model_state, position_of, save_checkpoint, supersede_after
+from logger import RunOutputs, progress_bar
+from utils.checkpoint import (check_resumable, is_rolling, load_model_state, position_of, save_checkpoint,
+                              supersede_after)
 from utils.errors import CheckpointError, ConfigError, TrainingError
 from utils.preemption import PREEMPTED, Preempted, StopRequest
 from utils.util import get_rng_state, set_rng_state, to_device, unwrap_model, write_json
@@ -21,34 +22,35 @@ from utils.util import get_rng_state, set_rng_state, to_device, unwrap_model, wr
 NoneType = type(None)
 # key: (default, allowed type(s), description). The README's config reference mirrors this table.
 TRAINER_DEFAULTS = {
+    "type": ("Trainer", str, "the Trainer class (a BaseTrainer subclass under trainer/) whose step() the run uses"),
     "epochs": (10, int, "epochs to train (>= 1)"),
     "save_dir": ("saved/", str, "root of the run outputs: <save_dir>/models and <save_dir>/log"),
-    "save_period": (1, int, "keep checkpoint-epoch<N>.pth of every this many epochs; the last epoch is always kept"),
+    "save_period": (1, int, "keep checkpoint-epoch<N>.pth of every this many epochs; the last one is always kept"),
     "save_last": (True, bool, "also write every other epoch's checkpoint, each deleted when the next is written"),
     "verbosity": (2, int, "console log level of the template's loggers: 0 warnings, 1 info, 2 debug (per-step lines)"),
     "monitor": ("off", str, "'min METRIC', 'max METRIC' or 'off': picks model_best.pth, drives early stopping"),
     "early_stop": (0, int, "stop after this many consecutive epochs without improvement; 0 = never"),
     "tensorboard": (True, bool, "write TensorBoard event files into the run's log directory"),
-    "log_images": (True, bool, "with tensorboard: a grid of training inputs each epoch, if they are NCHW images"),
     "log_step": (10, int, "every this many steps: log the loss, refresh the progress bar (a host sync)"),
     "len_epoch": (None, (int, NoneType), "optimizer steps per epoch (iteration-based); null = one pass over the data"),
     "save_every_steps": (0, int, "also write checkpoint-epoch<E>-step<S>.pth every this many steps; 0 = off"),
     "amp": (None, (str, NoneType), "mixed precision: 'bf16' (CPU or CUDA), 'fp16' (CUDA, scaled) or null = off"),
     "accumulate_steps": (1, int, "batches whose gradients are summed into one optimizer step"),
     "clip_grad_norm": (None, (float, NoneType), "clip the gradients' total norm to this value; null = no clipping"),
-    "compile": (False, (bool, str), "wrap the model with torch.compile (true, or the name of a torch.compile backend)"),
+    "compile": (False, (bool, str), "wrap the model with torch.compile (true, or a torch.compile backend's name)"),
     "keep_last": (0, int, "keep only the newest this many checkpoint-epoch*.pth files; 0 = keep all"),
 }
 
 
 class BaseTrainer:
     """Trains `model` on `data_loader`, validating on `valid_data_loader` (optional) each epoch. metrics:
-    {name: Metric or update/compute/reset object}. Subclasses implement step(batch) -> (loss, output, target)."""
+    {name: Metric or update/compute/reset object}; callbacks: {name: object} (README, "Callbacks").
+    Subclasses implement step(batch) -> (loss, output, target)."""
 
     def __init__(self, model, criterion, metrics, optimizer, config, device, data_loader=None,
-                 valid_data_loader=None, lr_scheduler=None):
+                 valid_data_loader=None, lr_scheduler=None, callbacks=None):
         self.model, self.criterion, self.optimizer, self.lr_scheduler = model, criterion, optimizer, lr_scheduler
-        self.config, self.device = config, device
+        self.config, self.device, self.callbacks = config, device, callbacks or {}
         self.data_loader, self.valid_data_loader = data_loader, valid_data_loader
         self.logger = logging.getLogger("trainer")
         self.cfg = cfg = config["trainer"]
@@ -63,17 +65,30 @@ class BaseTrainer:
         self.scaler = torch.amp.GradScaler(device.type, enabled=cfg["amp"] == "fp16")
         # len_epoch counts optimizer steps, each of accumulate_steps batches; without it an epoch
         # is one pass over the data, its last step taking whatever batches remain.
-        self.batches_per_epoch = cfg["len_epoch"] * cfg["accumulate_steps"] if cfg["len_epoch"] else \
-            len(data_loader or ())
+        steps = cfg["len_epoch"]
+        self.batches_per_epoch = steps * cfg["accumulate_steps"] if steps else len(data_loader or ())
         self.distributed, self.stop_request = dist.is_distributed(), StopRequest()
-        self.outputs = self.images = self.rolling = None  # rolling: the last epoch's checkpoint, if not kept
+        self.outputs = self.rolling = self.last_saved = None  # rolling: the last epoch's checkpoint, if not kept
         # Run state (all of it in state_dict()): last finished epoch, optimizer steps taken, batches of
-        # epoch + 1 done (non-zero only mid-epoch), the monitor's best and its early-stop counter.
-        self.epoch = self.global_step = self.batches_done = 0
-        self.mnt_best, self.not_improved_count = (math.inf if self.mnt_mode == "min" else -math.inf), 0
+        # epoch + 1 done (non-zero only mid-epoch), the monitor's best, its epoch and the early-stop counter.
+        self.epoch = self.global_step = self.batches_done = self.best_epoch = self.not_improved_count = 0
+        self.mnt_best = math.inf if self.mnt_mode == "min" else -math.inf
 
     def step(self, batch):
         raise NotImplementedError
+
+    def callback(self, event, *args):
+        """Call `event` (on_train_start, on_step_end, on_epoch_end, on_train_end) of every callback that has it."""
+        for cb in self.callbacks.values():
+            method = getattr(cb, event, None)
+            if method is not None:
+                method(self, *args)
+
+    def tensorboard(self, kind, tag, value, **kwargs):
+        """SummaryWriter.add_<kind>(tag, value, global step) on the run's TensorBoard (kind: scalar, image, images,
+        text, histogram, ...); nothing where there is none: other ranks, --dry-run, trainer.tensorboard false."""
+        if self.outputs is not None and self.outputs.writer is not None:
+            getattr(self.outputs.writer, "add_" + kind)(tag, value, self.global_step, **kwargs)
 
     def state_dict(self) -> dict:
         """The whole run state as plain data (a checkpoint): every process must call it under torchrun."""
@@ -85,17 +100,19 @@ class BaseTrainer:
             "lr_scheduler": self.lr_scheduler.state_dict() if self.lr_scheduler is not None else None,
             "scaler": self.scaler.state_dict(),
             "trainer": {"epoch": self.epoch, "global_step": self.global_step, "batches_done": self.batches_done,
-                        "monitor_best": self.mnt_best, "not_improved_count": self.not_improved_count},
+                        "monitor_best": self.mnt_best, "best_epoch": self.best_epoch,
+                        "not_improved_count": self.not_improved_count},
             # mid-epoch: each process's partial sums of the epoch's loss and metrics
             "metrics": dist.gather_objects(self.metrics.state_dict()) if self.batches_done else None,
             "rng": dist.gather_objects(get_rng_state()),  # one per process
+            "callbacks": {name: cb.state_dict() for name, cb in self.callbacks.items() if hasattr(cb, "state_dict")},
         }
 
     def load_state_dict(self, checkpoint: dict, path) -> None:
         """Restore everything state_dict() saved, from a checkpoint loaded by utils.checkpoint."""
         saved_by, world, t = len(checkpoint["rng"]), dist.world_size(), checkpoint["trainer"]
         check_resumable(checkpoint, path, self.lr_scheduler is not None, world)
-        load_model_state(unwrap_model(self.model), checkpoint, path)
+        load_model_state(unwrap_model(self.model), checkpoint["model"], path, checkpoint["arch"])
         try:  # the structure was checked on loading; what does not fit this run's objects fails here
             self.optimizer.load_state_dict(checkpoint["optimizer"])
             if self.lr_scheduler is not None:
@@ -106,13 +123,18 @@ class BaseTrainer:
                 self.metrics.load_state_dict(checkpoint["metrics"][dist.rank()], self.device)
             if saved_by == world:
                 set_rng_state(checkpoint["rng"][dist.rank()])
+            for name, cb in self.callbacks.items():
+                if hasattr(cb, "load_state_dict"):
+                    cb.load_state_dict(checkpoint["callbacks"][name])
         except (KeyError, TypeError, ValueError, RuntimeError, IndexError, AttributeError) as e:
-            raise CheckpointError(f"{path}: its optimizer, scheduler, scaler, metric or RNG state does not fit "
-                                  f"this run ({type(e).__name__}: {str(e)[:200]})") from None
+            raise CheckpointError(f"{path}: its optimizer, scheduler, scaler, metric, RNG or callback state does "
+                                  f"not fit this run ({type(e).__name__}: {str(e)[:200]})") from None
         self.epoch, self.global_step, self.batches_done = t["epoch"], t["global_step"], t["batches_done"]
-        self.mnt_best, self.not_improved_count = t["monitor_best"], t["not_improved_count"]
+        self.mnt_best, self.best_epoch, self.not_improved_count = t["monitor_best"], t["best_epoch"], \
+            t["not_improved_count"]
         self.resumed_at = Path(path), position_of(checkpoint)  # the file and where in training it stands
         self.rolling = Path(path) if is_rolling(checkpoint, path) else None  # the next epoch's replaces it
+        self.last_saved = Path(path)
         if saved_by != world and dist.is_main_process():
             self.logger.warning("%s was saved by %d process(es), this run has %d: the global batch changes by %d/%d, "
                                 "and RNG states are not restored (the run goes on correctly, but not bitwise as it "
@@ -121,6 +143,7 @@ class BaseTrainer:
 
     def train(self):
         """Train to trainer.epochs; Preempted after saving on SIGTERM / SIGINT, TrainingError on a NaN loss."""
+        start = time.perf_counter()
         if dist.is_main_process():  # only rank 0 writes
             if self.config.resume:  # forget what was logged and saved after the resumed checkpoint
                 for moved in supersede_after(self.config.save_dir, *self.resumed_at):
@@ -130,10 +153,16 @@ class BaseTrainer:
                                       self.config.config, self.mnt_metric)
         try:
             with self.stop_request:
+                self.callback("on_train_start")
                 self._train_epochs()
+                self.callback("on_train_end")
         finally:
             if self.outputs is not None:
                 self.outputs.close()
+        best = f"best {self.mnt_metric} {self.mnt_best:.6g} at epoch {self.best_epoch}: " \
+            f"{self.config.save_dir / 'model_best.pth'}" if self.best_epoch else "trainer.monitor is off: no model_best"
+        self.logger.info("Finished at epoch %d in %.1f s; %s; last checkpoint: %s", self.epoch,
+                         time.perf_counter() - start, best, self.last_saved)
 
     def _train_epochs(self):
         if self._stopped_early() or self.epoch >= self.cfg["epochs"]:
@@ -151,6 +180,10 @@ class BaseTrainer:
             if self.valid_data_loader is not None:
                 valid = self.evaluate(self.valid_data_loader, f"Epoch {epoch} valid")
                 log.update(("val_" + k, v) for k, v in valid.items())
+            self.callback("on_epoch_end", epoch, log)  # what a callback adds to `log` is logged and monitorable
+            if self.mnt_mode != "off" and self.mnt_metric not in log:
+                raise TrainingError(f"trainer.monitor: {self.mnt_metric} is not in the epoch's log "
+                                    f"({', '.join(log)})")
             log["lr"] = self.optimizer.param_groups[0]["lr"]
             if self.lr_scheduler is not None and self.config["lr_scheduler"]["interval"] == "epoch":
                 plateau = isinstance(self.lr_scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
@@ -162,7 +195,7 @@ class BaseTrainer:
             for key, value in {"epoch": epoch, **log}.items():
                 self.logger.info("    %-20s: %s", key, value)
             if self.outputs is not None:
-                self.outputs.write_epoch({"epoch": epoch, **log}, self.global_step, self.images, self.mnt_best)
+                self.outputs.write_epoch({"epoch": epoch, **log}, self.global_step, self.mnt_best)
             stop = self._stopped_early()
             preempted = dist.any_process(self.stop_request.signum is not None, self.device)
             keep = epoch % self.cfg["save_period"] == 0 or epoch == self.cfg["epochs"] or stop or preempted
@@ -178,10 +211,9 @@ class BaseTrainer:
         """Train one epoch (the rest of it, when resumed mid-epoch; at most max_batches): its averages, samples."""
         self.model.train()
         n = min(self.batches_per_epoch, max_batches or self.batches_per_epoch)
-        done, self.batches_done = self.batches_done, 0
+        done, self.batches_done, n_samples = self.batches_done, 0, 0
         if not done:
             self.metrics.reset()
-        self.images, n_samples = None, 0
         batches = itertools.islice(self.data_loader.stream((epoch - 1) * self.batches_per_epoch + done), n - done)
         bar = progress_bar(total=n, initial=done, desc=f"Epoch {epoch} train")
         for i, (batch, n_real) in enumerate(batches, start=done):
@@ -202,8 +234,7 @@ class BaseTrainer:
             if last_in_window:
                 self._optimizer_step()
                 self.batches_done = i + 1
-                if self.images is None and self.cfg["log_images"]:
-                    self.images = image_batch(batch)
+                self.callback("on_step_end", batch, loss)
                 self._after_step(epoch, n, loss, bar)
         bar.close()
         self.batches_done = 0
@@ -231,8 +262,7 @@ class BaseTrainer:
                                     "of these weights was written")
             bar.set_postfix_str(f"loss={running:.4f}", refresh=False)
             self.logger.debug("Train epoch %d [%d/%d] loss: %.6f", epoch, self.batches_done, n_batches, step_loss)
-            if self.outputs is not None:
-                self.outputs.write_step_loss(step_loss, self.global_step)
+            self.tensorboard("scalar", "loss/train_step", step_loss)
         stop = self.stop_request.signum is not None
         if self.distributed:  # the processes must stop at the same step: they agree every log_step steps
             stop = log_now and dist.any_process(stop, self.device)
@@ -242,10 +272,11 @@ class BaseTrainer:
             if stop:
                 self._preempted(path)
 
-    def evaluate(self, loader, desc="valid", max_batches=None) -> dict:
-        """Loss and metrics over `loader` (over all processes under torchrun), under the training's autocast."""
+    def evaluate(self, loader, desc="valid", max_batches=None, model=None) -> dict:
+        """Loss and metrics of `model` (default: the trained model) over `loader` (over all processes under
+        torchrun), under the training's autocast."""
         # Under torchrun: the bare module with rank 0's buffers (DDP's forward is a collective; a process may have no batch)
-        model, self.model = self.model, unwrap_model(self.model) if self.distributed else self.model
+        trained, self.model = self.model, model or (unwrap_model(self.model) if self.distributed else self.model)
         dist.broadcast_buffers(self.model)
         self.model.eval()
         self.metrics.reset()
@@ -257,7 +288,7 @@ class BaseTrainer:
                         loss, output, target = self.step(to_device(batch, self.device))
                     self.metrics.update(loss, output, target)
         finally:
-            self.model = model
+            self.model = trained
         return self.metrics.compute(self.device)
 
     def _stopped_early(self) -> bool:
@@ -269,7 +300,8 @@ class BaseTrainer:
             return False
         value = log[self.mnt_metric]
         improved = value < self.mnt_best if self.mnt_mode == "min" else value > self.mnt_best
-        self.mnt_best = value if improved else self.mnt_best
+        if improved:
+            self.mnt_best, self.best_epoch = value, self.epoch
         self.not_improved_count = 0 if improved else self.not_improved_count + 1
         return improved
 
@@ -281,10 +313,12 @@ class BaseTrainer:
             raise TrainingError(f"non-finite weights in epoch {self.epoch + (self.batches_done > 0)} after step "
                                 f"{self.global_step}; no checkpoint of them was written")
         state = self.state_dict()  # under torchrun, every process takes part
-        path = save_checkpoint(state, self.config.save_dir, state["epoch"], self.global_step if self.batches_done
-                               else None, periodic, best, self.cfg["keep_last"], replaces, write=dist.is_main_process())
+        step = self.global_step if self.batches_done else None
+        path = save_checkpoint(state, self.config.save_dir, state["epoch"], step, periodic, best,
+                               self.cfg["keep_last"], replaces, write=dist.is_main_process())
         if dist.is_main_process():
             self.logger.info("Saved %s", " and ".join([path.name] * periodic + ["model_best.pth"] * best))
+        self.last_saved = path if periodic else self.last_saved
         return path
 
     def _preempted(self, path):

@@ -1,2 +1,2 @@
 from logger.logger import progress_bar, setup_logging
-from logger.visualization import MetricsCSV, RunOutputs, image_batch
+from logger.visualization import MetricsCSV, RunOutputs

@@ -4,16 +4,7 @@ import io
 import json
 from pathlib import Path
 
-import torch
-
 from utils.util import atomic_write_text
-
-
-def image_batch(batch):
-    """The batch's first tensor if it holds images (N, C, H, W with C in 1, 3, 4), else None."""
-    first = next(iter(batch.values() if isinstance(batch, dict) else batch), None) \
-        if isinstance(batch, (dict, list, tuple)) else batch
-    return first if torch.is_tensor(first) and first.dim() == 4 and first.shape[1] in (1, 3, 4) else None
 
 
 class MetricsCSV:
@@ -81,7 +72,7 @@ class RunOutputs:
             from torch.utils.tensorboard import SummaryWriter  # slow to import: only when enabled
             self.writer = SummaryWriter(str(log_dir), purge_step=resumed_at[1] + 1 if events else None)
 
-    def write_epoch(self, log: dict, step: int, images=None, best=None):
+    def write_epoch(self, log: dict, step: int, best=None):
         """One epoch's row (and scalars); `best`: the monitored metric's best value so far (with a monitor)."""
         self.csv.append(log)
         if self.writer is None:
@@ -94,14 +85,6 @@ class RunOutputs:
                 self.writer.add_scalar(scalar_tag(key), value, step)
         if self.monitor is not None:
             self.writer.add_scalar(f"best/{self.monitor}", best, step)
-        if images is not None:  # the first 16, each scaled to [0, 1]
-            images = images[:16].detach().float().cpu()
-            low, high = images.amin(dim=(1, 2, 3), keepdim=True), images.amax(dim=(1, 2, 3), keepdim=True)
-            self.writer.add_images("inputs/train", (images - low) / (high - low).clamp_min(1e-8), step)
-
-    def write_step_loss(self, loss: float, step: int):
-        if self.writer is not None:
-            self.writer.add_scalar("loss/train_step", loss, step)
 
     def _write_run_info(self, log):
         """The config as text and as hparams (flattened key paths), with the metrics the HPARAMS tab lists."""

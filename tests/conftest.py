@@ -179,7 +179,7 @@ def assert_same(a, b, where="checkpoint"):
         assert a == b, f"{where}: {a!r} != {b!r}"
 
 
-EXACT_KEYS = ("model", "optimizer", "lr_scheduler", "scaler", "trainer", "metrics", "rng")
+EXACT_KEYS = ("model", "optimizer", "lr_scheduler", "scaler", "trainer", "metrics", "rng", "callbacks")
 
 
 def assert_same_run(a: Run, b: Run, *checkpoints):

@@ -11,7 +11,8 @@ from utils.checkpoint import find_checkpoint
 
 FAST = "trainer.tensorboard=false"
 STATE = ("model", "optimizer", "lr_scheduler", "scaler", "trainer", "metrics", "rng")  # everything a resume restores
-KEYS = {"arch", "run_id", "config", "epoch", "model", "optimizer", "lr_scheduler", "scaler", "trainer", "metrics", "rng"}
+KEYS = {"arch", "run_id", "config", "epoch", "model", "optimizer", "lr_scheduler", "scaler", "trainer", "metrics", "rng",
+        "callbacks"}
 
 
 def dirs(path):
@@ -39,7 +40,7 @@ def test_checkpoint_is_plain_data_with_the_full_training_state(digits_run, file)
     if file == "checkpoint-epoch3.pth":
         assert epoch == 3
     trainer = checkpoint["trainer"]
-    assert set(trainer) == {"epoch", "global_step", "batches_done", "monitor_best", "not_improved_count"}
+    assert set(trainer) == {"epoch", "global_step", "batches_done", "monitor_best", "best_epoch", "not_improved_count"}
     assert trainer["epoch"] == epoch and trainer["batches_done"] == 0  # saved at an epoch's end
     assert trainer["global_step"] == STEPS_PER_EPOCH * epoch
     assert 0 < trainer["monitor_best"] <= 1 and trainer["not_improved_count"] >= 0  # max val_accuracy

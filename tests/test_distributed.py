@@ -50,7 +50,7 @@ def test_torchrun_run_has_one_run_directory_written_by_rank_0(ddp_run):
     assert not any(k.startswith("module.") for k in checkpoint["model"])  # the bare module
     assert len(checkpoint["rng"]) == 2  # each process's RNG state
     # only rank 0 prints the per-epoch lines
-    assert ddp_run.result.stdout.count("val_accuracy") == 2
+    assert ddp_run.result.stdout.count("    val_accuracy ") == 2
 
 
 def test_ddp_resume_is_bitwise(ddp_run, tmp_path):

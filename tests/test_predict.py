@@ -54,10 +54,13 @@ def check_rows(rows, model, expected, atol=0.0):
     """Each row is the model's own prediction for the input it names: class, probability, top 5."""
     assert [r["input"] for r in rows] == list(expected)
     with torch.no_grad():
-        probs = model(torch.stack(list(expected.values()))).softmax(1)
-    for row, p in zip(rows, probs):
+        outputs = model(torch.stack(list(expected.values())))
+    # predictions.csv rounds to 6 decimals (5e-7); predict.py runs other batch sizes, whose float32 kernels
+    # sum in another order: outputs of size L then differ by a few eps * L, and a probability by as much.
+    slack = 16 * torch.finfo(torch.float32).eps * outputs.abs().amax(1).clamp_min(1)
+    for row, p, s in zip(rows, outputs.softmax(1), slack):
         assert row["predicted"] == str(int(p.argmax()))
-        assert abs(float(row["probability"]) - float(p.max())) <= 5e-7 + atol
+        assert abs(float(row["probability"]) - float(p.max())) <= 5e-7 + float(s) + atol
         assert [k.split(":")[0] for k in row["top_k"].split("; ")] == [str(int(i)) for i in p.topk(5).indices]
 
 
@@ -81,7 +84,10 @@ def test_files_folders_and_tables_and_each_bad_input_one_line_skipped(model, inp
                         folder / "object.pt", "-o", tmp_path / "p.csv", "--batch-size", "3")
     assert_ok(result)
     check_rows(read_csv(tmp_path / "p.csv"), eager, expected)
-    skipped = sorted(result.stderr.strip().splitlines())
+    skipped = result.stderr.strip().splitlines()
+    if not torch.cuda.is_available():  # config.json asks for a GPU: a warning first
+        assert skipped.pop(0) == "n_gpu is 1 in the config, but no GPU is available: running on the CPU."
+    skipped = sorted(skipped)
     assert skipped == sorted([
         f"skipped {folder / 'notes.txt'}: not an image, .csv, .npy or .pt file",
         f"skipped {folder / 'absent.png'}: not found",

@@ -23,7 +23,7 @@ def test_every_config_key_is_documented_with_its_default():
     for prefix, schema in (("", TOP_LEVEL), ("data_loader.", LOADER_DEFAULTS), ("trainer.", TRAINER_DEFAULTS)):
         expected.update({prefix + key: "required" if default is REQUIRED else f"`{json.dumps(default)}`"
                          for key, (default, _, _) in schema.items()})
-    assert "trainer.log_images" in expected and "data_loader.dataset" in expected
+    assert "trainer.type" in expected and "callbacks" in expected and "data_loader.dataset" in expected
     assert {k: table.get(k) for k in expected} == expected
     assert set(table) == set(expected)  # and nothing that does not exist
 

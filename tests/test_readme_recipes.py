@@ -1,5 +1,5 @@
 """Every recipe of the README's "Make it yours" runs as written: its files go into a fresh copy of
-the template, its config keys over config.json, then train, resume and test.py."""
+the template, its config keys over config.json, then train, resume mid-epoch and test.py."""
 import json
 import re
 import shutil
@@ -18,7 +18,7 @@ def recipes():
     for block in SECTION.split("\n### ")[1:]:
         title = block.splitlines()[0]
         files = [(m.group(1), m.group(0).split("\n", 1)[1])
-                 for m in re.finditer(r"(?<=```python\n)# (\S+)\n.*?(?=```)", block, flags=re.S)]
+                 for m in re.finditer(r"(?:(?<=```python\n)|(?<=```text\n))# (\S+)\n.*?(?=```)", block, flags=re.S)]
         config = {}
         for fragment in re.findall(r"```json\n(.*?)```", block, flags=re.S):
             config.update(json.loads("{" + fragment + "}"))
@@ -55,7 +55,10 @@ def template_copy(tmp_path_factory):
 
 def test_the_readme_has_the_recipes_the_issue_asks_for():
     titles = [t for t, _, _ in RECIPES]
-    assert len(titles) == 5, titles
+    assert len(titles) == 9, titles
+    for wanted in ("A model in its own file", "A plain Dataset", "a second Trainer", "a custom image", "EMA",
+                   "Warmup, then cosine", "A model from another package"):
+        assert any(wanted in t for t in titles), wanted
     assert all(files or config for _, files, config in RECIPES)
 
 
@@ -66,13 +69,17 @@ def test_recipe_trains_resumes_and_tests(template_copy, tmp_path, k):
     for _, files, _ in RECIPES[:k + 1]:  # a recipe may build on the files of the ones before it
         for path, code in files:
             (project / path).write_text(code)
-    config = {**json.loads((ROOT / "config.json").read_text()), **RECIPES[k][2]}
+    config = json.loads((ROOT / "config.json").read_text())
+    for key, value in RECIPES[k][2].items():  # a trainer fragment sets only its keys
+        config[key] = {**config[key], **value} if key == "trainer" else value
     (project / "recipe.json").write_text(json.dumps(config))
     script = project / "train.py"
-    common = ["trainer.save_dir=saved", "trainer.verbosity=1"]
+    common = ["trainer.save_dir=saved", "trainer.verbosity=1", "trainer.save_every_steps=1"]
     assert_ok(run_script(script, "-c", "recipe.json", "--run-id", "r", "trainer.epochs=1", *common, cwd=project))
     run_dir = project / "saved" / "models" / config["name"] / "r"
-    assert_ok(run_script(script, "-r", run_dir, "trainer.epochs=2", cwd=project))
+    first_step = run_dir / "checkpoint-epoch1-step1.pth"
+    assert first_step.is_file()
+    assert_ok(run_script(script, "-r", first_step, "trainer.epochs=2", cwd=project))  # mid-epoch
     assert (run_dir / "checkpoint-epoch2.pth").is_file()
     result = run_script(project / "test.py", "-r", run_dir, cwd=project)
     assert_ok(result)

@@ -63,7 +63,7 @@ def test_saved_config_is_the_resolved_config(digits_run):
     assert saved["trainer"]["len_epoch"] is None
     assert saved["lr_scheduler"]["interval"] == "epoch"
     assert saved["trainer"]["epochs"] == 3
-    assert saved["trainer"]["log_images"] is True
+    assert saved["trainer"]["type"] == "Trainer" and saved["callbacks"] == [{"type": "InputImages", "args": {}}]
     assert saved["data_loader"]["valid_dataset"] is None and saved["data_loader"]["train_transform"] == []
 
 

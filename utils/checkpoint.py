@@ -14,8 +14,8 @@ from utils.errors import CheckpointError, ConfigError
 from utils.util import atomic_link, atomic_write_bytes, claim_dir
 
 CHECKPOINT_KEYS = {"arch", "epoch", "run_id", "model", "optimizer", "lr_scheduler", "trainer", "scaler", "metrics",
-                   "rng", "config"}
-TRAINER_KEYS = {"epoch", "global_step", "batches_done", "monitor_best", "not_improved_count"}
+                   "rng", "config", "callbacks"}
+TRAINER_KEYS = {"epoch", "global_step", "batches_done", "monitor_best", "best_epoch", "not_improved_count"}
 _NAME = re.compile(r"checkpoint-epoch(\d+)(?:-step(\d+))?\.pth$")
 
 
@@ -123,8 +123,9 @@ def _structure_fault(c) -> str:
         ("trainer.monitor_best is not a number", lambda: type(t["monitor_best"]) in (int, float)),
         ("epoch does not match trainer.epoch", lambda: c["epoch"] == t["epoch"] + (1 if t["batches_done"] else 0)),
         ("trainer.epoch is past the run's trainer.epochs", lambda: t["epoch"] <= epochs()),
-        ("model is not a state_dict of tensors", lambda: isinstance(c["model"], dict) and all(
-            isinstance(k, str) and torch.is_tensor(v) for k, v in c["model"].items())),
+        ("model is not a state_dict of tensors", lambda: _tensors(c["model"])),
+        ("callbacks is not a {name: state} mapping", lambda: isinstance(c["callbacks"], dict) and all(
+            isinstance(k, str) and isinstance(v, dict) for k, v in c["callbacks"].items())),
         ("optimizer is not an optimizer state_dict", lambda: isinstance(c["optimizer"], dict) and isinstance(
             c["optimizer"].get("state"), dict) and isinstance(c["optimizer"].get("param_groups"), list)),
         ("lr_scheduler is not a state_dict or null", lambda: isinstance(c["lr_scheduler"], (dict, type(None)))),
@@ -139,6 +140,10 @@ def _structure_fault(c) -> str:
                 for m in c["metrics"]) and len(c["metrics"]) == len(runs)),
     ]
     return next((fault for fault, ok in checks if not ok()), "")
+
+
+def _tensors(state) -> bool:
+    return isinstance(state, dict) and all(isinstance(k, str) and torch.is_tensor(v) for k, v in state.items())
 
 
 def _small(config) -> bool:
@@ -165,16 +170,27 @@ def is_rolling(checkpoint, path) -> bool:
         epoch != saved["epochs"] and not checkpoint["trainer"]["batches_done"]
 
 
-def load_model_state(model, checkpoint, path) -> None:
-    """Load the checkpoint's weights into `model` (a bare module), strictly, or explain the mismatch."""
-    state, own = checkpoint["model"], model.state_dict()
+def model_weights(checkpoint, path, weights="model") -> dict:
+    """The checkpoint's model state_dict ("model"), or the "weights" that the callback named `weights` saved."""
+    if weights == "model":
+        return checkpoint["model"]
+    state = checkpoint["callbacks"].get(weights, {}).get("weights")
+    if not _tensors(state):
+        have = ["model", *(n for n, s in checkpoint["callbacks"].items() if _tensors(s.get("weights")))]
+        raise CheckpointError(f"{path}: no weights {weights[:80]!r} in this checkpoint; it has: {', '.join(have)}")
+    return state
+
+
+def load_model_state(model, state, path, arch) -> None:
+    """Load a state_dict of weights into `model` (a bare module), strictly, or explain the mismatch."""
+    own = model.state_dict()
     missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
     shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
               for k in sorted(set(own) & set(state)) if state[k].shape != own[k].shape]
     if missing or unexpected or shapes:
         def some(keys):
             return ", ".join(keys[:5]) + (f" (+{len(keys) - 5} more)" if len(keys) > 5 else "") if keys else "none"
-        raise CheckpointError(f"{path}: weights of arch {checkpoint['arch']!r} do not fit the model "
+        raise CheckpointError(f"{path}: weights of arch {arch!r} do not fit the model "
                               f"{type(model).__name__}: missing keys: {some(missing)}; unexpected keys: "
                               f"{some(unexpected)}; shape mismatches: {some(shapes)}")
     model.load_state_dict(state)

@@ -1,15 +1,20 @@
-"""The names a config may use: what the project's own packages define, and, by dotted name, what a
-fixed allowlist of well-known modules holds. Never an arbitrary import, a private or dunder name."""
+"""The names a config may use: what the project's own packages define, and, by dotted name, what an
+allowlist of modules holds: well-known ones, and those the project lists in allowed_modules.txt. Never an
+arbitrary import, a private or dunder name."""
 import difflib
 import importlib
+import importlib.util
 import inspect
 import pkgutil
+import re
+from pathlib import Path
 
 from utils.errors import ConfigError
 
-PROJECT_PACKAGES = ("model", "data_loader")
+PROJECT_PACKAGES = ("model", "data_loader", "trainer", "callbacks")
 ALLOWED_MODULES = ("torch.nn", "torch.optim", "torch.optim.lr_scheduler", "torchvision.models",
                    "torchvision.datasets", "torchvision.transforms.v2")
+PROJECT_MODULES = Path(__file__).resolve().parents[1] / "allowed_modules.txt"  # the project's own additions
 REFUSED = {"torch.optim.LBFGS": "it needs a closure that re-evaluates the loss, which this Trainer does not pass",
            "torch.optim.Optimizer": "it is the abstract base class",
            "torch.optim.lr_scheduler.LRScheduler": "it is the abstract base class"}
@@ -19,9 +24,9 @@ class Registry:
     """Resolves config names. Bare names: a public class or function defined in any file of the
     project's packages, else in the section's `default` module (e.g. torch.optim for optimizers)."""
 
-    def __init__(self, packages=PROJECT_PACKAGES):
-        self.own, self.where = {}, {}
-        for package in packages:
+    def __init__(self, packages=PROJECT_PACKAGES, modules_file=PROJECT_MODULES):
+        self.own, self.where, self.allowed = {}, {}, ALLOWED_MODULES + project_modules(modules_file)
+        for package in filter(importlib.util.find_spec, packages):  # a project may have deleted one
             pkg = importlib.import_module(package)
             for info in pkgutil.iter_modules(pkg.__path__):
                 module = importlib.import_module(f"{package}.{info.name}")
@@ -41,15 +46,21 @@ class Registry:
                 return self.own[name]
             name = f"{default}.{name}" if default else name
         module, _, attr = name.rpartition(".")
-        if module not in ALLOWED_MODULES:
+        if module not in self.allowed:
             raise self._unknown(name, where, default)
         if name in REFUSED:
             raise ConfigError(f"{where}: {name} is not supported: {REFUSED[name]}")
-        obj = getattr(importlib.import_module(module), attr, None)
+        obj = getattr(self._import(module, where), attr, None)
         # only what the module itself provides, not a helper it imported (functools.wraps, typing.cast)
         if not callable(obj) or inspect.ismodule(obj) or not getattr(obj, "__module__", "").startswith(module):
             raise self._unknown(name, where, default, module)
         return obj
+
+    def _import(self, module, where):
+        try:
+            return importlib.import_module(module)
+        except ImportError as e:  # a module of allowed_modules.txt that is not installed
+            raise ConfigError(f"{where}: cannot import {module} (listed in {PROJECT_MODULES.name}): {e}") from None
 
     def _unknown(self, name, where, default, module=None):
         shown = repr(name)[:80]
@@ -64,5 +75,18 @@ class Registry:
         return ConfigError(f"{where}: unknown name {shown}; " + (f"did you mean {close[0]}? " if close else "")
                            + f"available: {', '.join(sorted(self.own))}"
                            + (f", any {default} name" if default else "")
-                           + f", or a dotted name in {', '.join(ALLOWED_MODULES)}; to add your own, define it "
+                           + f", or a dotted name in {', '.join(self.allowed)}; to add your own, define it "
                            f"in any file under {'/ or '.join(PROJECT_PACKAGES)}/")
+
+
+def project_modules(path) -> tuple:
+    """The module names listed in `path` (one a line; # starts a comment); () if there is no such file."""
+    if not Path(path).is_file():
+        return ()
+    names = []
+    for number, line in enumerate(Path(path).read_text().splitlines(), 1):
+        name = line.split("#")[0].strip()
+        if name and not re.fullmatch(r"[A-Za-z]\w*(\.[A-Za-z]\w*)*", name):
+            raise ConfigError(f"{path.name}:{number}: {name[:80]!r} is not a module name")
+        names += [name] if name else []
+    return tuple(names)

@@ -2,6 +2,7 @@
 import fcntl
 import itertools
 import json
+import logging
 import os
 import random
 import tempfile
@@ -129,10 +130,11 @@ def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def prepare_device(n_gpu_use: int, logger) -> torch.device:
+def prepare_device(n_gpu_use: int, logger=None) -> torch.device:
     """The device for a single process: the first visible GPU if n_gpu_use > 0 and one exists, else the CPU."""
     if n_gpu_use > 0 and not torch.cuda.is_available():
-        logger.info("n_gpu=%d in the config, but no GPU is available: running on the CPU.", n_gpu_use)
+        (logger or logging.getLogger("train")).warning("n_gpu is %d in the config, but no GPU is available: "
+                                                       "running on the CPU.", n_gpu_use)
     return torch.device("cuda:0" if n_gpu_use > 0 and torch.cuda.is_available() else "cpu")
 
 

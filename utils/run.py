@@ -1,0 +1,85 @@
+"""What the programs build alike: the loss, metrics and callbacks a config names, and a trained run loaded back
+(test.py, export.py, predict.py): its config, its model with the chosen weights, the Trainer class it trained
+with; or an exported model (model.ts, model.pt2, model.onnx from export.py) with its model.json."""
+import json
+import warnings
+from collections import namedtuple
+
+import torch
+
+from base.base_metric import metric_object
+from parse_config import ConfigParser
+from utils.checkpoint import find_checkpoint, load_checkpoint, load_model_state, model_weights
+from utils.errors import ConfigError, DataError
+from utils.registry import Registry
+from utils.util import prepare_device
+
+Run = namedtuple("Run", "config path checkpoint model trainer device")
+
+
+def build_loss_and_metrics(config, device):
+    """The loss (a module is moved to `device`) and {name: metric} (functions wrapped as batch means)."""
+    criterion = config.init_ftn("loss")
+    if not callable(criterion):
+        raise ConfigError(f"loss: {type(criterion).__name__} is not callable as loss(output, target)")
+    criterion = criterion.to(device) if isinstance(criterion, torch.nn.Module) else criterion
+    return criterion, {name: metric_object(config.init_ftn(f"metrics.{i}")) for i, name in enumerate(config.names())}
+
+
+def build_callbacks(config) -> dict:
+    return {name: config.init_obj(f"callbacks.{i}") for i, name in enumerate(config.names("callbacks"))}
+
+
+def load_run(resume, overrides=(), weights="model", device=None, logger=None) -> Run:
+    """The run of checkpoint `resume` (or of a run directory: its newest), on `device` (default: as the config
+    asks), with its model in eval mode holding `weights` ("model", or a callback's, e.g. "ema")."""
+    path = find_checkpoint(resume)
+    checkpoint = load_checkpoint(path)
+    config = ConfigParser(checkpoint["config"], list(overrides), Registry(), run_id=checkpoint["run_id"], resume=True)
+    device = device or prepare_device(config["n_gpu"], logger)
+    model = config.init_obj("arch")
+    load_model_state(model, model_weights(checkpoint, path, weights), path, checkpoint["arch"])
+    model = model.to(device).eval()
+    criterion, metrics = build_loss_and_metrics(config, device)
+    trainer = config.resolve("trainer")(model, criterion, metrics, None, config, device)
+    return Run(config, path, checkpoint, model, trainer, device)
+
+
+def class_names(dataset):
+    """The dataset's `classes` (torchvision datasets have them), looking through Subset and transform wrappers."""
+    while dataset is not None and not hasattr(dataset, "classes"):
+        dataset = getattr(dataset, "dataset", None)
+    return list(map(str, dataset.classes)) if dataset is not None else None
+
+
+# Loading an exported model back: a function of an input batch (export.py verifies with it, predict.py runs it).
+def load_torchscript(path, device="cpu"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated upstream, still widely loaded
+        return torch.jit.load(str(path), map_location=device)
+
+
+def load_exported(path, device="cpu"):
+    return torch.export.load(str(path)).module().to(device)
+
+
+def load_onnx(path, device="cpu"):
+    import onnxruntime  # the CPU build the README's set-up installs: outputs come back on the CPU
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return lambda x: torch.from_numpy(session.run(None, {"input": x.cpu().numpy()})[0])
+
+
+LOADERS = {".ts": load_torchscript, ".pt2": load_exported, ".onnx": load_onnx}
+
+
+def load_artifact(path, logger=None):
+    """(config, device, function of an input batch, model.json's content) of an exported model."""
+    info_file = path.with_name("model.json")
+    try:
+        info = json.loads(info_file.read_text())
+        raw = info["config"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise DataError(f"{info_file}: missing or without a config; run export.py on the checkpoint again") from None
+    config = ConfigParser(raw, [], Registry(), run_id=info.get("run_id"), resume=True)
+    device = prepare_device(config["n_gpu"], logger)
+    return config, device, LOADERS[path.suffix](path, device), info
