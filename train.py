@@ -23,17 +23,14 @@ from utils.run import build_callbacks, build_loss_and_metrics
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Train a model from a JSON or YAML config.")
     p.add_argument("-c", "--config", help="config file (.json, .yaml or .yml)")
-    p.add_argument("-r", "--resume", help="checkpoint file, or a run directory (its newest checkpoint); "
-                                          "with -c: fine-tune a new run from the checkpoint's weights")
+    p.add_argument("-r", "--resume", help="checkpoint, or run directory (its newest); with -c: fine-tune from it")
     p.add_argument("-d", "--device", help="GPU ids to use, e.g. 0,1 (sets CUDA_VISIBLE_DEVICES)")
     p.add_argument("--run-id", help="name of the run (default: a timestamp)")
     p.add_argument("--lr", type=float, help="shortcut for optimizer.args.lr=LR")
     p.add_argument("--bs", type=int, help="shortcut for data_loader.batch_size=BS")
-    p.add_argument("--auto-resume", action="store_true",
-                   help="with -c: resume the newest checkpoint of the run named by --run-id (default: the "
-                        "newest run of this config's name), or start that run if it has none")
-    p.add_argument("--dry-run", action="store_true",
-                   help="build everything, run 2 training and 2 validation batches, write nothing")
+    p.add_argument("--auto-resume", action="store_true", help="with -c: resume the newest checkpoint of run "
+                   "--run-id (default: of the newest run of this name), or start that run if it has none")
+    p.add_argument("--dry-run", action="store_true", help="build all, 2 training and 2 validation batches, no output")
     p.add_argument("overrides", nargs="*", metavar="KEY.PATH=VALUE",
                    help="override a config value (JSON, else a string); +KEY.PATH=VALUE adds a key")
     args = p.parse_intermixed_args(argv)  # overrides may come before and after options
@@ -46,9 +43,9 @@ def parse_args(argv=None):
     return args
 
 
-# What a resumed run takes from its checkpoint: overriding these would be silently undone (the
-# optimizer's state holds its lr), would move the run's place in the data, or would make it a
-# different run. (How the batches are loaded may change: it does not change them.)
+# What a resumed run takes from its checkpoint: overriding these would be silently undone (the optimizer's
+# state holds its lr), would move the run's place in the data, or would make it a different run. How the
+# batches are loaded may change: it does not change them.
 LOADING_ONLY = ("num_workers", "prefetch_factor")
 FIXED_ON_RESUME = ("name", "seed", "arch", "optimizer", "lr_scheduler", "loss", "metrics", "callbacks", "data_loader",
                    "trainer.type", "trainer.monitor", "trainer.len_epoch", "trainer.accumulate_steps")
@@ -59,49 +56,45 @@ def _changed_on_resume(config, saved):
     def get(tree, key):
         for part in key.split("."):
             tree = tree.get(part) if isinstance(tree, dict) else None
-        if key == "data_loader" and tree is not None:
-            tree = {k: v for k, v in tree.items() if k not in LOADING_ONLY}
-        return tree
+        return {k: v for k, v in tree.items() if k not in LOADING_ONLY} if key == "data_loader" and tree else tree
     return next((key for key in FIXED_ON_RESUME if get(config, key) != get(saved, key)), None)
 
 
 def build_config(args, registry):
-    """The run's ConfigParser and the checkpoint to start from (None for a fresh run)."""
-    checkpoint = path = None
-    if args.auto_resume:
+    """The run's ConfigParser, the checkpoint to start from (None for a fresh run) and its path."""
+    path = checkpoint = None
+    if args.config:  # a new run (fine-tuning from the checkpoint's weights if -r is given too)
         config = ConfigParser(load_config_file(args.config), args.overrides, registry, run_id=args.run_id)
         runs = Path(config["trainer"]["save_dir"]) / "models" / config["name"]
-        path, checkpoint = latest_checkpoint(runs, args.run_id, usable_by=int(os.environ.get("WORLD_SIZE", 1)))
-        if checkpoint is None:
-            return config, None, None
-    elif args.resume:
+        if args.auto_resume:  # the newest checkpoint this number of processes can resume, if any
+            path, checkpoint = latest_checkpoint(runs, args.run_id, usable_by=int(os.environ.get("WORLD_SIZE", 1)))
+    if args.resume:
         path = find_checkpoint(args.resume)
         checkpoint = load_checkpoint(path)
-    if args.config and not args.auto_resume:  # a new run (fine-tuning from the checkpoint's weights if -r is given too)
-        config = ConfigParser(load_config_file(args.config), args.overrides, registry, run_id=args.run_id)
-    else:  # continue the run in the checkpoint's directory (a copied run continues in the copy)
-        run_dir = path.resolve().parent
-        if run_dir.parent.name == "superseded":  # an abandoned future, taken up again: back in its run
-            run_dir = run_dir.parent.parent
-        if args.run_id and args.run_id != run_dir.name:
-            raise ConfigError(f"--run-id: a resumed run keeps its id ({run_dir.name}); use -c with -r to start a new run")
-        config = ConfigParser(checkpoint["config"], args.overrides, registry, run_id=run_dir.name, resume=True,
-                              run_dir=run_dir)
-        changed = _changed_on_resume(config.config, checkpoint["config"])
-        if changed:
-            raise ConfigError(f"{changed}: a resumed run keeps its {', '.join(FIXED_ON_RESUME)} (as in its "
-                              "checkpoint); to change them start a new run from the checkpoint with "
-                              "-c CONFIG -r CHECKPOINT")
+    if checkpoint is None or not args.auto_resume and args.config:
+        return config, checkpoint, path
+    run_dir = path.resolve().parent  # the run goes on in the checkpoint's directory (a copied run in the copy)
+    if run_dir.parent.name == "superseded":  # an abandoned future, taken up again: back in its run
+        run_dir = run_dir.parent.parent
+    if args.run_id and args.run_id != run_dir.name:
+        raise ConfigError(f"--run-id: a resumed run keeps its id ({run_dir.name}); use -c with -r to start a new run")
+    config = ConfigParser(checkpoint["config"], args.overrides, registry, run_id=run_dir.name, resume=True,
+                          run_dir=run_dir)
+    changed = _changed_on_resume(config.config, checkpoint["config"])
+    if changed:
+        raise ConfigError(f"{changed}: a resumed run keeps its {', '.join(FIXED_ON_RESUME)} (as in its checkpoint);"
+                          " to change them start a new run from the checkpoint with -c CONFIG -r CHECKPOINT")
     return config, checkpoint, path
 
 
-def setup_device(n_gpu, logger) -> torch.device:
+def setup_device(n_gpu) -> torch.device:
     """Join torchrun's process group if launched by it; else pick one device for this process."""
     device = dist.init_distributed(use_cuda=n_gpu > 0 and torch.cuda.is_available())
-    if device is None and n_gpu > 1 and torch.cuda.device_count() > 1:
+    gpus = torch.cuda.device_count()
+    if device is None and n_gpu > 1 and gpus > 1:
         raise ConfigError(f"n_gpu: {n_gpu} GPUs take one process each; launch with: torchrun --standalone "
-                          f"--nproc_per_node={min(n_gpu, torch.cuda.device_count())} train.py {' '.join(sys.argv[1:])}")
-    return device or prepare_device(n_gpu, logger)
+                          f"--nproc_per_node={min(n_gpu, gpus)} train.py {' '.join(sys.argv[1:])}")
+    return device or prepare_device(n_gpu)
 
 
 def dry_run(trainer, batches):
@@ -111,8 +104,8 @@ def dry_run(trainer, batches):
     trainer.batches_done = 0
     trainer.logger.info("dry run: %d training batches: %s", batches, trainer.train_epoch(trainer.epoch + 1, batches)[0])
     if trainer.valid_data_loader is not None:
-        trainer.logger.info("dry run: %d validation batches: %s", batches,
-                            trainer.evaluate(trainer.valid_data_loader, max_batches=batches))
+        valid = trainer.evaluate(trainer.valid_data_loader, max_batches=batches)
+        trainer.logger.info("dry run: %d validation batches: %s", batches, valid)
 
 
 def main(argv=None):
@@ -120,56 +113,51 @@ def main(argv=None):
     if args.device:
         os.environ["CUDA_VISIBLE_DEVICES"] = args.device  # before anything touches CUDA
     config, checkpoint, checkpoint_path = build_config(args, Registry())
-    logger = logging.getLogger("train")
-    rank = int(os.environ.get("RANK", 0))
-    verbosity = config["trainer"]["verbosity"] if rank == 0 else 0  # other ranks: warnings only
+    verbosity = config["trainer"]["verbosity"] if int(os.environ.get("RANK", 0)) == 0 else 0  # other ranks: warnings
     setup_logging(None, verbosity)  # console only until the run has a directory
-    device = setup_device(config["n_gpu"], logger)
+    device = setup_device(config["n_gpu"])
     try:
-        run(args, config, checkpoint, checkpoint_path, device, logger, verbosity)
+        run(args, config, checkpoint, checkpoint_path, device, verbosity)
     finally:
         dist.cleanup()
 
 
-def run(args, config, checkpoint, checkpoint_path, device, logger, verbosity):
+def run(args, config, checkpoint, checkpoint_path, device, verbosity):
+    logger = logging.getLogger("train")
     seed_everything(config["seed"] + dist.rank())  # rank-distinct dropout; data order is seeded separately
 
     # Build everything before creating any directory, so a bad config leaves nothing behind.
     datasets = make_datasets(config)
     if datasets["train"] is None:
-        raise ConfigError(f"data_loader.dataset: the training split of {config['data_loader']['dataset']['type']} is empty")
+        raise ConfigError(f"data_loader.dataset: the training split of {config['data_loader']['dataset']['type']} "
+                          "is empty")
     if datasets["valid"] is None and (config.monitor[1] or "").startswith("val_"):
-        raise ConfigError(f"trainer.monitor: {config.monitor[1]} needs validation data, but the validation split is empty")
+        raise ConfigError(f"trainer.monitor: {config.monitor[1]} needs validation data, but the validation split "
+                          "is empty")
     data_loader = make_loader(config, datasets["train"], True, device)
     valid_data_loader = make_loader(config, datasets["valid"], device=device)
     logger.info("Data: %d training, %d validation samples; %d loader worker(s) (data_loader.num_workers: %s)",
-                len(datasets["train"]), len(datasets["valid"]) if datasets["valid"] is not None else 0,
-                data_loader.num_workers, config["data_loader"]["num_workers"])
+                len(datasets["train"]), len(datasets["valid"] or ()), data_loader.num_workers,
+                config["data_loader"]["num_workers"])
     model = config.init_obj("arch")
-    if checkpoint is not None and not config.resume:
-        load_model_state(model, checkpoint["model"], checkpoint_path, checkpoint["arch"])  # fine-tuning: weights only
-        logger.info("Fine-tuning from the weights in %s", checkpoint_path)
+    if checkpoint is not None and not config.resume:  # fine-tuning: weights only
+        load_model_state(model, checkpoint["model"], checkpoint_path, checkpoint["arch"])
     logger.info(model)
     model = model.to(device)
     if dist.is_distributed():  # gradients are averaged across processes in backward()
         model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    compile_backend = config["trainer"]["compile"]
-    if compile_backend:  # checkpoints still hold the bare module's keys (utils.unwrap_model)
-        model = torch.compile(model, **({} if compile_backend is True else {"backend": compile_backend}))
+    backend = config["trainer"]["compile"]
+    if backend:  # checkpoints still hold the bare module's keys (utils.unwrap_model)
+        model = torch.compile(model, **({} if backend is True else {"backend": backend}))
     criterion, metrics = build_loss_and_metrics(config, device)
-    trainable_params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = config.init_obj("optimizer", trainable_params)
+    optimizer = config.init_obj("optimizer", [p for p in model.parameters() if p.requires_grad])
     lr_scheduler = config.init_scheduler(optimizer) if config["lr_scheduler"] else None
-    callbacks = build_callbacks(config)
-    trainer = config.resolve("trainer")(model, criterion, metrics, optimizer, config, device, data_loader=data_loader,
-                                        valid_data_loader=valid_data_loader, lr_scheduler=lr_scheduler,
-                                        callbacks=callbacks)
+    trainer = config.resolve("trainer")(model, criterion, metrics, optimizer, config, device, data_loader,
+                                        valid_data_loader, lr_scheduler, build_callbacks(config))
     if config.resume:
         trainer.load_state_dict(checkpoint, checkpoint_path)
-
     if args.dry_run:
-        dry_run(trainer, batches=2)
-        return
+        return dry_run(trainer, batches=2)
 
     lock = error = None
     if dist.is_main_process():  # rank 0 creates, locks and logs to the run directory
@@ -181,16 +169,16 @@ def run(args, config, checkpoint, checkpoint_path, device, logger, verbosity):
     config.run_id, error = dist.gather_objects((config.run_id, error))[0]  # a suffix rank 0 added; its error
     if error:
         raise ConfigError(error)
-    start = f"resumed from {checkpoint_path}" if config.resume else \
-        f"fine-tuning from {checkpoint_path}" if checkpoint is not None else "from scratch"
-    logger.info("Run %s (%s): checkpoints in %s, logs in %s", config.run_id, start, config.save_dir, config.log_dir)
+    start = "resumed" if config.resume else "fine-tuning" if checkpoint is not None else "from scratch"
+    logger.info("Run %s (%s%s): checkpoints in %s, logs in %s", config.run_id, start,
+                f" from {checkpoint_path}" * (checkpoint is not None), config.save_dir, config.log_dir)
     try:
         trainer.train()
     except Preempted as e:
         sys.exit(128 + e.signum)
     except OSError as e:  # e.g. a full disk while writing a checkpoint or a log
-        error = TrainingError(f"{e.filename or 'run output'}: {e.strerror or e}; the checkpoints saved before "
-                              "are intact")
+        error = TrainingError(f"{e.filename or 'run output'}: {e.strerror or e}; the checkpoints saved before are "
+                              "intact")
         logger.error("error: %s", error)
         raise error from None
     except (TrainingError, UserError) as e:  # e.g. a non-finite loss, or a DataError found while iterating
@@ -202,6 +190,7 @@ def run(args, config, checkpoint, checkpoint_path, device, logger, verbosity):
     finally:
         if lock is not None:
             lock.close()  # releases the run
+
 
 if __name__ == "__main__":
     run_main(main)

@@ -1,10 +1,8 @@
-"""BaseTrainer: the engine around the user's step (trainer/trainer.py): epochs, AMP, accumulation, DDP,
-clipping, metrics, outputs, early stopping, checkpoints; the whole run state in state_dict()."""
+"""BaseTrainer: the engine around the user's step (epochs, AMP, accumulation, DDP, metrics, checkpoints)."""
 import contextlib
 import itertools
 import logging
 import math
-import signal
 import time
 from pathlib import Path
 
@@ -16,8 +14,8 @@ from logger import RunOutputs, progress_bar
 from utils.checkpoint import (check_resumable, is_rolling, load_model_state, position_of, save_checkpoint,
                               supersede_after)
 from utils.errors import CheckpointError, ConfigError, TrainingError
-from utils.preemption import PREEMPTED, Preempted, StopRequest
-from utils.util import get_rng_state, set_rng_state, to_device, unwrap_model, write_json
+from utils.preemption import PREEMPTED, StopRequest
+from utils.util import get_rng_state, set_rng_state, to_device, unwrap_model
 
 NoneType = type(None)
 # key: (default, allowed type(s), description). The README's config reference mirrors this table.
@@ -43,9 +41,11 @@ TRAINER_DEFAULTS = {
 
 
 class BaseTrainer:
-    """Trains `model` on `data_loader`, validating on `valid_data_loader` (optional) each epoch. metrics:
-    {name: Metric or update/compute/reset object}; callbacks: {name: object} (README, "Callbacks").
-    Subclasses implement step(batch) -> (loss, output, target)."""
+    """Trains `model` on `data_loader`, validating on `valid_data_loader` (optional) each epoch; metrics and callbacks:
+    {name: object}. Subclasses implement step(batch) -> (loss, output, target)."""
+
+    # state_dict()["trainer"]: finished epochs, steps, batches of epoch + 1 done (mid-epoch), best, early-stop count
+    STATE = ("epoch", "global_step", "batches_done", "monitor_best", "best_epoch", "not_improved_count")
 
     def __init__(self, model, criterion, metrics, optimizer, config, device, data_loader=None,
                  valid_data_loader=None, lr_scheduler=None, callbacks=None):
@@ -54,25 +54,20 @@ class BaseTrainer:
         self.data_loader, self.valid_data_loader = data_loader, valid_data_loader
         self.logger = logging.getLogger("trainer")
         self.cfg = cfg = config["trainer"]
-        # One tracker for both phases: training's values are computed before validation resets it.
-        self.metrics = MetricTracker(metrics)
+        self.metrics = MetricTracker(metrics)  # both phases: training's values are computed before validation
         self.mnt_mode, self.mnt_metric = config.monitor
         if cfg["amp"] == "fp16" and device.type != "cuda":
             raise ConfigError("trainer.amp: fp16 needs a CUDA device; use \"bf16\" on the CPU")
         amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg["amp"])
         self.autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
-        # Loss scaling only for fp16; disabled, the scaler passes calls straight through.
-        self.scaler = torch.amp.GradScaler(device.type, enabled=cfg["amp"] == "fp16")
-        # len_epoch counts optimizer steps, each of accumulate_steps batches; without it an epoch
-        # is one pass over the data, its last step taking whatever batches remain.
+        self.scaler = torch.amp.GradScaler(device.type, enabled=cfg["amp"] == "fp16")  # off: calls pass through
+        # len_epoch counts optimizer steps of accumulate_steps batches; else an epoch is one pass over the data
         steps = cfg["len_epoch"]
         self.batches_per_epoch = steps * cfg["accumulate_steps"] if steps else len(data_loader or ())
         self.distributed, self.stop_request = dist.is_distributed(), StopRequest()
         self.outputs = self.rolling = self.last_saved = None  # rolling: the last epoch's checkpoint, if not kept
-        # Run state (all of it in state_dict()): last finished epoch, optimizer steps taken, batches of
-        # epoch + 1 done (non-zero only mid-epoch), the monitor's best, its epoch and the early-stop counter.
         self.epoch = self.global_step = self.batches_done = self.best_epoch = self.not_improved_count = 0
-        self.mnt_best = math.inf if self.mnt_mode == "min" else -math.inf
+        self.monitor_best = math.inf if self.mnt_mode == "min" else -math.inf
 
     def step(self, batch):
         raise NotImplementedError
@@ -80,9 +75,7 @@ class BaseTrainer:
     def callback(self, event, *args):
         """Call `event` (on_train_start, on_step_end, on_epoch_end, on_train_end) of every callback that has it."""
         for cb in self.callbacks.values():
-            method = getattr(cb, event, None)
-            if method is not None:
-                method(self, *args)
+            getattr(cb, event, lambda *_: None)(self, *args)
 
     def tensorboard(self, kind, tag, value, **kwargs):
         """SummaryWriter.add_<kind>(tag, value, global step) on the run's TensorBoard (kind: scalar, image, images,
@@ -98,10 +91,7 @@ class BaseTrainer:
             "epoch": self.epoch + (1 if self.batches_done else 0),  # the epoch this checkpoint is in
             "model": model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "lr_scheduler": self.lr_scheduler.state_dict() if self.lr_scheduler is not None else None,
-            "scaler": self.scaler.state_dict(),
-            "trainer": {"epoch": self.epoch, "global_step": self.global_step, "batches_done": self.batches_done,
-                        "monitor_best": self.mnt_best, "best_epoch": self.best_epoch,
-                        "not_improved_count": self.not_improved_count},
+            "scaler": self.scaler.state_dict(), "trainer": {key: getattr(self, key) for key in self.STATE},
             # mid-epoch: each process's partial sums of the epoch's loss and metrics
             "metrics": dist.gather_objects(self.metrics.state_dict()) if self.batches_done else None,
             "rng": dist.gather_objects(get_rng_state()),  # one per process
@@ -110,7 +100,7 @@ class BaseTrainer:
 
     def load_state_dict(self, checkpoint: dict, path) -> None:
         """Restore everything state_dict() saved, from a checkpoint loaded by utils.checkpoint."""
-        saved_by, world, t = len(checkpoint["rng"]), dist.world_size(), checkpoint["trainer"]
+        saved_by, world = len(checkpoint["rng"]), dist.world_size()
         check_resumable(checkpoint, path, self.lr_scheduler is not None, world)
         load_model_state(unwrap_model(self.model), checkpoint["model"], path, checkpoint["arch"])
         try:  # the structure was checked on loading; what does not fit this run's objects fails here
@@ -119,7 +109,7 @@ class BaseTrainer:
                 self.lr_scheduler.load_state_dict(checkpoint["lr_scheduler"])
             if checkpoint["scaler"]:
                 self.scaler.load_state_dict(checkpoint["scaler"])
-            if t["batches_done"]:
+            if checkpoint["trainer"]["batches_done"]:
                 self.metrics.load_state_dict(checkpoint["metrics"][dist.rank()], self.device)
             if saved_by == world:
                 set_rng_state(checkpoint["rng"][dist.rank()])
@@ -129,16 +119,14 @@ class BaseTrainer:
         except (KeyError, TypeError, ValueError, RuntimeError, IndexError, AttributeError) as e:
             raise CheckpointError(f"{path}: its optimizer, scheduler, scaler, metric, RNG or callback state does "
                                   f"not fit this run ({type(e).__name__}: {str(e)[:200]})") from None
-        self.epoch, self.global_step, self.batches_done = t["epoch"], t["global_step"], t["batches_done"]
-        self.mnt_best, self.best_epoch, self.not_improved_count = t["monitor_best"], t["best_epoch"], \
-            t["not_improved_count"]
+        for key in self.STATE:
+            setattr(self, key, checkpoint["trainer"][key])
         self.resumed_at = Path(path), position_of(checkpoint)  # the file and where in training it stands
-        self.rolling = Path(path) if is_rolling(checkpoint, path) else None  # the next epoch's replaces it
-        self.last_saved = Path(path)
+        self.rolling, self.last_saved = Path(path) if is_rolling(checkpoint, path) else None, Path(path)
         if saved_by != world and dist.is_main_process():
-            self.logger.warning("%s was saved by %d process(es), this run has %d: the global batch changes by %d/%d, "
-                                "and RNG states are not restored (the run goes on correctly, but not bitwise as it "
-                                "would have).", path, saved_by, world, world, saved_by)
+            self.logger.warning("%s was saved by %d process(es), this run has %d: the global batch changes by "
+                                "%d/%d and RNG states are not restored (correct, but not bitwise)", path, saved_by,
+                                world, world, saved_by)
         self.logger.info("Resumed from %s: epoch %d, step %d.", path, self.epoch, self.global_step)
 
     def train(self):
@@ -159,15 +147,15 @@ class BaseTrainer:
         finally:
             if self.outputs is not None:
                 self.outputs.close()
-        best = f"best {self.mnt_metric} {self.mnt_best:.6g} at epoch {self.best_epoch}: " \
-            f"{self.config.save_dir / 'model_best.pth'}" if self.best_epoch else "trainer.monitor is off: no model_best"
-        self.logger.info("Finished at epoch %d in %.1f s; %s; last checkpoint: %s", self.epoch,
-                         time.perf_counter() - start, best, self.last_saved)
+        seconds = time.perf_counter() - start
+        self.logger.info("Finished at epoch %d in %.1f s; last checkpoint: %s", self.epoch, seconds, self.last_saved)
+        if self.best_epoch:
+            self.logger.info("Best %s: %.6g, epoch %d: %s", self.mnt_metric, self.monitor_best, self.best_epoch,
+                             self.config.save_dir / "model_best.pth")
 
     def _train_epochs(self):
         if self._stopped_early() or self.epoch >= self.cfg["epochs"]:
-            self.logger.warning("This run already %s at epoch %d; nothing to do (train longer with trainer.epochs=N).",
-                                "stopped early" if self._stopped_early() else "finished", self.epoch)
+            self.logger.warning("This run already ended at epoch %d (train longer with trainer.epochs=N)", self.epoch)
         for epoch in range(self.epoch + 1, self.cfg["epochs"] + 1):
             if self._stopped_early():
                 break
@@ -181,9 +169,6 @@ class BaseTrainer:
                 valid = self.evaluate(self.valid_data_loader, f"Epoch {epoch} valid")
                 log.update(("val_" + k, v) for k, v in valid.items())
             self.callback("on_epoch_end", epoch, log)  # what a callback adds to `log` is logged and monitorable
-            if self.mnt_mode != "off" and self.mnt_metric not in log:
-                raise TrainingError(f"trainer.monitor: {self.mnt_metric} is not in the epoch's log "
-                                    f"({', '.join(log)})")
             log["lr"] = self.optimizer.param_groups[0]["lr"]
             if self.lr_scheduler is not None and self.config["lr_scheduler"]["interval"] == "epoch":
                 plateau = isinstance(self.lr_scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
@@ -195,17 +180,16 @@ class BaseTrainer:
             for key, value in {"epoch": epoch, **log}.items():
                 self.logger.info("    %-20s: %s", key, value)
             if self.outputs is not None:
-                self.outputs.write_epoch({"epoch": epoch, **log}, self.global_step, self.mnt_best)
+                self.outputs.write_epoch({"epoch": epoch, **log}, self.global_step, self.monitor_best)
             stop = self._stopped_early()
             preempted = dist.any_process(self.stop_request.signum is not None, self.device)
             keep = epoch % self.cfg["save_period"] == 0 or epoch == self.cfg["epochs"] or stop or preempted
             path = self._save_checkpoint(periodic=keep or self.cfg["save_last"], best=improved, replaces=self.rolling)
             self.rolling = path if not keep and self.cfg["save_last"] else None
             if stop:
-                self.logger.info("%s did not improve for %d epochs: training stops.",
-                                 self.mnt_metric, self.not_improved_count)
+                self.logger.info("%s did not improve for %d epochs: stop.", self.mnt_metric, self.not_improved_count)
             if preempted:
-                self._preempted(path)
+                self.stop_request.stop(path, self.config.save_dir, self.global_step, dist.is_main_process())
 
     def train_epoch(self, epoch, max_batches=None):
         """Train one epoch (the rest of it, when resumed mid-epoch; at most max_batches): its averages, samples."""
@@ -270,12 +254,11 @@ class BaseTrainer:
         if stop or (every and self.global_step % every == 0 and self.batches_done < n_batches):
             path = self._save_checkpoint(periodic=True, best=False)
             if stop:
-                self._preempted(path)
+                self.stop_request.stop(path, self.config.save_dir, self.global_step, dist.is_main_process())
 
     def evaluate(self, loader, desc="valid", max_batches=None, model=None) -> dict:
-        """Loss and metrics of `model` (default: the trained model) over `loader` (over all processes under
-        torchrun), under the training's autocast."""
-        # Under torchrun: the bare module with rank 0's buffers (DDP's forward is a collective; a process may have no batch)
+        """Loss and metrics of `model` (default: the trained one) over `loader` and all processes, under autocast.
+        Under torchrun the bare module runs, with rank 0's buffers: DDP's forward is a collective."""
         trained, self.model = self.model, model or (unwrap_model(self.model) if self.distributed else self.model)
         dist.broadcast_buffers(self.model)
         self.model.eval()
@@ -299,9 +282,9 @@ class BaseTrainer:
         if self.mnt_mode == "off":
             return False
         value = log[self.mnt_metric]
-        improved = value < self.mnt_best if self.mnt_mode == "min" else value > self.mnt_best
+        improved = value < self.monitor_best if self.mnt_mode == "min" else value > self.monitor_best
         if improved:
-            self.mnt_best, self.best_epoch = value, self.epoch
+            self.monitor_best, self.best_epoch = value, self.epoch
         self.not_improved_count = 0 if improved else self.not_improved_count + 1
         return improved
 
@@ -320,13 +303,3 @@ class BaseTrainer:
             self.logger.info("Saved %s", " and ".join([path.name] * periodic + ["model_best.pth"] * best))
         self.last_saved = path if periodic else self.last_saved
         return path
-
-    def _preempted(self, path):
-        """Raise Preempted, after leaving <run>/preempted.json: torchrun exits 1 for a preemption as for a
-        crash, so a job script tells them apart by this file (removed when the run resumes)."""
-        signum = self.stop_request.signum or signal.SIGTERM  # under torchrun another rank may have got it
-        if dist.is_main_process():
-            write_json({"signal": signal.Signals(signum).name, "checkpoint": str(path)}, self.config.save_dir / PREEMPTED)
-            self.logger.warning("Stopped by %s after step %d; saved %s. Resume with: python train.py -r %s",
-                                signal.Signals(signum).name, self.global_step, path.name, path)
-        raise Preempted(signum, path)

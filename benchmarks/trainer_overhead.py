@@ -74,8 +74,7 @@ from base import BaseDataLoader  # noqa: E402
 from base.base_data_loader import make_datasets  # noqa: E402
 from logger import setup_logging  # noqa: E402
 from parse_config import ConfigParser, load_config_file  # noqa: E402
-from train import build_loss_and_metrics  # noqa: E402
-from trainer import Trainer  # noqa: E402
+from utils.run import build_callbacks, build_loss_and_metrics  # noqa: E402
 from utils.registry import Registry  # noqa: E402
 
 # name: (config file, default epochs per run)
@@ -141,11 +140,11 @@ def load_workload(name, seed_data=0):
 PLAIN_STEP = {"amp": None, "accumulate_steps": 1, "clip_grad_norm": None, "compile": False}
 
 
-def make_config(raw, save_dir, epochs, run_id, len_epoch=None):
+def make_config(raw, save_dir, epochs, run_id, len_epoch=None, extra=()):
     # early_stop=0: both sides must run every epoch (on random labels val_loss soon stops improving);
-    # the monitor itself, and the model_best.pth it drives, stay on.
+    # the monitor itself, and the model_best.pth it drives, stay on. `extra`: --set overrides (the Trainer's side).
     overrides = [f"trainer.save_dir={save_dir}", f"trainer.epochs={epochs}",
-                 f"trainer.len_epoch={json.dumps(len_epoch)}", "trainer.early_stop=0"]
+                 f"trainer.len_epoch={json.dumps(len_epoch)}", "trainer.early_stop=0", *extra]
     config = ConfigParser(raw, overrides, REGISTRY, run_id=run_id)
     changed = [k for k, v in PLAIN_STEP.items() if config["trainer"].get(k, v) != v]
     if changed:
@@ -157,7 +156,7 @@ def make_config(raw, save_dir, epochs, run_id, len_epoch=None):
 def build(config, device):
     """Model, loss, metrics, optimizer and scheduler as train.py builds them, after torch.manual_seed.
 
-    metrics: {name: metric object} as the Trainer takes them (train.build_loss_and_metrics: functions
+    metrics: {name: metric object} as the Trainer takes them (utils.run.build_loss_and_metrics: functions
     wrapped as BatchMean), plus the plain metric functions a hand-written loop calls.
     """
     torch.manual_seed(config["seed"])
@@ -167,7 +166,7 @@ def build(config, device):
     if any(hasattr(f, "update") for f in functions):
         raise SystemExit("a metric in the config is a Metric class; the raw loop here calls plain metric functions")
     optimizer = config.init_obj("optimizer", [p for p in model.parameters() if p.requires_grad])
-    scheduler = config.init_obj("lr_scheduler", optimizer) if config["lr_scheduler"] else None
+    scheduler = config.init_scheduler(optimizer) if config["lr_scheduler"] else None
     return model, criterion, metrics, functions, optimizer, scheduler
 
 
@@ -244,8 +243,8 @@ def trainer_fit(config, device, train_loader, valid_loader, show_output=False, p
     try:
         with console_to_devnull(not show_output):
             setup_logging(config.log_dir, config["trainer"]["verbosity"])
-            trainer = Trainer(model, criterion, metrics, optimizer, config, device, data_loader=train_loader,
-                              valid_data_loader=valid_loader, lr_scheduler=scheduler)
+            trainer = config.resolve("trainer")(model, criterion, metrics, optimizer, config, device, train_loader,
+                                                valid_loader, scheduler, build_callbacks(config))
             start = time.perf_counter()
             if profiler is not None:
                 profiler.runcall(trainer.train)
@@ -255,6 +254,25 @@ def trainer_fit(config, device, train_loader, valid_loader, show_output=False, p
     finally:
         close_logging()
     return model, trainer.global_step, seconds
+
+
+def ema_step_cost(raw, device, steps=2000) -> float:
+    """Microseconds one update of callbacks/ema.py (its on_step_end: a fused lerp over the parameters, a copy
+    of the buffers) takes on the workload's model, timed apart from training."""
+    from types import SimpleNamespace
+    from callbacks.ema import EMA
+    trainer = SimpleNamespace(model=ConfigParser(raw, [], REGISTRY).init_obj("arch").to(device))
+    ema = EMA(decay=0.999)
+    ema.on_train_start(trainer)
+    for i in range(steps + 100):  # the first 100 are a warm-up
+        if i == 100:
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+        ema.on_step_end(trainer, None, None)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - start) / steps * 1e6
 
 
 def same_weights(a, b) -> bool:
@@ -270,7 +288,7 @@ def bench(name, args, device, tmp):
           f"{len(valid_loader.dataset) if valid_loader else 0} validation samples", flush=True)
 
     def run(side, i, len_epoch=None, n_epochs=epochs, profiler=None):
-        config = make_config(raw, tmp / name, n_epochs, f"run{i}_{side}", len_epoch)
+        config = make_config(raw, tmp / name, n_epochs, f"run{i}_{side}", len_epoch, args.set)
         gc.collect()
         if side == "raw":
             save_dir = None if args.bare else tmp / name / f"raw{i}"
@@ -291,10 +309,13 @@ def bench(name, args, device, tmp):
         raw_rates.append(n_samples / raw_s)
         trainer_rates.append(n_samples / tr_s)
         ratios.append(trainer_rates[-1] / raw_rates[-1])
+        raw_step_us = raw_s / raw_steps * 1e6
         print(f"run {i + 1} ({sides[0]} first): raw {raw_s:7.2f} s {raw_rates[-1]:7.0f}/s | trainer {tr_s:7.2f} s "
               f"{trainer_rates[-1]:7.0f}/s | ratio {ratios[-1]:.3f} | weights identical: "
               f"{'yes' if same_weights(raw_model, tr_model) else 'NO'} | load avg {load_average()}", flush=True)
         shutil.rmtree(tmp / name, ignore_errors=True)
+    print(f"EMA update (callbacks/ema.py): {ema_step_cost(raw, device):.0f} us per optimizer step, against "
+          f"{raw_step_us:.0f} us per step of the raw loop (its last run, validation and saves included)", flush=True)
 
     if args.profile:
         profiler = cProfile.Profile()
@@ -356,6 +377,8 @@ def parse_args(argv=None):
                    help="torch.set_num_threads for both sides (default: torch's default here)")
     p.add_argument("--show-output", action="store_true", help="let the Trainer's logs and bars reach the console")
     p.add_argument("--profile", action="store_true", help="also cProfile one Trainer run per workload")
+    p.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE",
+                   help="an override for both sides' config, e.g. callbacks=[...] to time callbacks (repeatable)")
     p.add_argument("--bare", action="store_true",
                    help="raw loop without training metrics and checkpoint saves (shows what those cost)")
     args = p.parse_args(argv)

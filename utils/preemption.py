@@ -1,6 +1,10 @@
 """Turn SIGTERM / SIGINT into a request the training loop honours at the next step boundary."""
+import logging
 import signal
 import threading
+from pathlib import Path
+
+from utils.util import write_json
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
 PREEMPTED = "preempted.json"  # in the run directory while the run is stopped by a signal
@@ -39,3 +43,14 @@ class StopRequest:
             stopping = s == signal.SIGTERM and self.signum == signal.SIGTERM
             signal.signal(s, signal.SIG_IGN if stopping else handler)
         self._previous = {}
+
+    def stop(self, checkpoint, run_dir, step, write: bool):
+        """Raise Preempted, after leaving <run_dir>/preempted.json (`write`: rank 0): torchrun exits 1 for a
+        preemption as for a crash, so a job script tells them apart by this file (removed when the run resumes)."""
+        signum = self.signum or signal.SIGTERM  # under torchrun another rank may have got it
+        name = signal.Signals(signum).name
+        if write:
+            write_json({"signal": name, "checkpoint": str(checkpoint)}, Path(run_dir) / PREEMPTED)
+            logging.getLogger("trainer").warning("Stopped by %s after step %d; saved %s. Resume with: python train.py "
+                                                 "-r %s", name, step, Path(checkpoint).name, checkpoint)
+        raise Preempted(signum, checkpoint)
