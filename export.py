@@ -19,46 +19,26 @@ import torch
 from base.base_data_loader import make_datasets, make_loader
 from utils import write_json
 from utils.errors import DataError, run_main
-from utils.run import class_names, load_exported, load_onnx, load_run, load_torchscript
+from utils.run import LOADERS, class_names, load_run
 
 FORMATS = {"torchscript": "model.ts", "exported": "model.pt2", "onnx": "model.onnx"}
 
 
-def export_torchscript(model, example, path):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated upstream, still widely loaded
-        warnings.simplefilter("error", torch.jit.TracerWarning)  # e.g. data-dependent control flow: a wrong trace
-        torch.jit.save(torch.jit.trace(model, example), str(path))
-    return load_torchscript(path)
-
-
-def export_exported(model, example, path):
+def export(fmt, model, example, path):
+    """Write `model`, traced on `example`, to `path` in format `fmt`, with a dynamic batch dimension."""
+    if fmt == "torchscript":
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated upstream, still widely loaded
+            warnings.simplefilter("error", torch.jit.TracerWarning)  # e.g. data-dependent control flow: a wrong trace
+            torch.jit.save(torch.jit.trace(model, example), str(path))
+        return
     batch = torch.export.Dim("batch", min=1)
-    name = next(iter(inspect.signature(model.forward).parameters))
-    torch.export.save(torch.export.export(model, (example,), dynamic_shapes={name: {0: batch}}), str(path))
-    return load_exported(path)
-
-
-def export_onnx(model, example, path):
-    name = next(iter(inspect.signature(model.forward).parameters))
-    torch.onnx.export(model, (example,), str(path), input_names=["input"], output_names=["output"],
-                      dynamic_shapes={name: {0: torch.export.Dim("batch", min=1)}}, dynamo=True, verbose=False,
-                      external_data=False)  # one self-contained file (below protobuf's 2 GB limit)
-    return load_onnx(path)
-
-
-EXPORTERS = {"torchscript": export_torchscript, "exported": export_exported, "onnx": export_onnx}
-
-
-def evaluation_batch(config):
-    """Inputs of one real batch of the evaluation data (test, else validation, else training split)."""
-    sets = make_datasets(config)
-    dataset = next((sets[k] for k in ("test", "valid", "train") if sets[k] is not None), None)
-    batch = next(iter(make_loader(config, dataset)))
-    if not (isinstance(batch, (tuple, list)) and torch.is_tensor(batch[0])):
-        raise DataError(f"data_loader: export needs (inputs, targets) batches of tensors; this dataset gives "
-                        f"{type(batch).__name__} batches")
-    return batch[0], dataset
+    dynamic = {next(iter(inspect.signature(model.forward).parameters)): {0: batch}}  # forward's input argument
+    if fmt == "exported":
+        torch.export.save(torch.export.export(model, (example,), dynamic_shapes=dynamic), str(path))
+    else:  # one self-contained file (below protobuf's 2 GB limit)
+        torch.onnx.export(model, (example,), str(path), input_names=["input"], output_names=["output"],
+                          dynamic_shapes=dynamic, dynamo=True, verbose=False, external_data=False)
 
 
 def reason_of(error) -> str:
@@ -79,7 +59,13 @@ def main(argv=None):
 
     run = load_run(args.resume, weights=args.weights, device=torch.device("cpu"))
     config, path, model = run.config, run.path, run.model
-    inputs, dataset = evaluation_batch(config)
+    sets = make_datasets(config)  # one real batch of the evaluation data: test, else validation, else training split
+    dataset = next((sets[k] for k in ("test", "valid", "train") if sets[k] is not None), None)
+    batch = next(iter(make_loader(config, dataset)))
+    if not (isinstance(batch, (tuple, list)) and torch.is_tensor(batch[0])):
+        raise DataError(f"data_loader: export needs (inputs, targets) batches of tensors; this dataset gives "
+                        f"{type(batch).__name__} batches")
+    inputs = batch[0]
     with torch.no_grad():
         expected = model(inputs)
     results, failed = {}, []
@@ -89,7 +75,8 @@ def main(argv=None):
         try:
             # torch.export prints its partial graph and warnings to stderr on failure: the one line below says it
             with contextlib.redirect_stderr(io.StringIO()):
-                loaded = EXPORTERS[fmt](model, inputs[:2], tmp)  # traced on 2 samples, checked on the whole batch
+                export(fmt, model, inputs[:2], tmp)  # traced on 2 samples, checked on the whole batch
+                loaded = LOADERS[out.suffix](tmp)
             with torch.no_grad():
                 diff = (loaded(inputs).float() - expected.float()).abs().max().item()
             os.replace(tmp, out)
@@ -104,15 +91,14 @@ def main(argv=None):
               f"({'within' if ok else 'ABOVE'} the tolerance {args.tolerance:g})")
         results[fmt] = {"file": out.name, "max_abs_diff": diff, "verified": ok}
         failed += [] if ok else [fmt]
-    write_json({"run_id": config.run_id, "checkpoint": path.name, "weights": args.weights, "arch": run.checkpoint["arch"],
-                "input": {"shape": [None, *inputs.shape[1:]], "dtype": str(inputs.dtype)},
-                "eval_transform": config["data_loader"]["eval_transform"], "class_names": class_names(dataset),
-                "tolerance": args.tolerance, "formats": results, "config": config.config},
-               path.parent / "model.json")  # the config: predict.py on an artifact builds the same transforms
+    # the config is there so that predict.py on an artifact builds the same transforms
+    write_json(dict(run_id=config.run_id, checkpoint=path.name, weights=args.weights, arch=run.checkpoint["arch"],
+                    input={"shape": [None, *inputs.shape[1:]], "dtype": str(inputs.dtype)},
+                    eval_transform=config["data_loader"]["eval_transform"], class_names=class_names(dataset),
+                    tolerance=args.tolerance, formats=results, config=config.config), path.parent / "model.json")
     if failed:
         print(f"error: not exported or not verified: {', '.join(failed)}", file=sys.stderr)
-        return 1
-    return 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

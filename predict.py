@@ -12,7 +12,6 @@ import collections
 import csv
 import io
 import json
-import logging
 import os
 import sys
 import time
@@ -35,21 +34,20 @@ TABLES = {".csv", ".npy", ".pt"}
 
 
 def load_model(path, weights):
-    """(config, device, function of a batch of inputs, step, model.json) for a checkpoint or an artifact;
-    step(batch) -> (loss, output, target) is the run's own Trainer.step (None for an artifact)."""
-    if path.suffix in LOADERS:
-        config, device, run, info = load_artifact(path)
-        return config, device, run, None, info
-    run = load_run(path, weights=weights)
-    return run.config, run.device, run.model, run.trainer.step, {}
+    """(config, device, function of a batch of inputs, step, model.json) for a checkpoint or an artifact.
+    step(batch) -> (loss, output, target): the run's own Trainer.step (so dict batches work), or for an
+    artifact model(inputs) on (inputs, targets) batches, with no loss."""
+    if path.suffix not in LOADERS:
+        run = load_run(path, weights=weights)
+        return run.config, run.device, run.model, run.trainer.step, {}
+    config, device, model, info = load_artifact(path)
 
-
-def datasets_if_here(config):
-    """make_datasets(config), or None where the data cannot be built here (e.g. in production)."""
-    try:
-        return make_datasets(config)
-    except (DataError, ConfigError):
-        return None
+    def step(batch):
+        if not (isinstance(batch, (tuple, list)) and torch.is_tensor(batch[0])):
+            raise DataError(f"data_loader: an exported model is run on (inputs, targets) batches; this dataset "
+                            f"gives {type(batch).__name__} batches: predict with the checkpoint")
+        return None, model(batch[0]), batch[1]
+    return config, device, model, step, info
 
 
 def first_input(dataset):
@@ -61,16 +59,15 @@ def first_input(dataset):
 
 def read_table(path, shape, dtype):
     """The samples of a .csv (a row each; a header line is skipped), .npy or .pt file, as `dtype`."""
-    suffix = path.suffix.lower()
     with warnings.catch_warnings():  # numpy's and torch's warnings on odd files: the skip line says it
         warnings.simplefilter("ignore")
-        if suffix == ".csv":
+        if path.suffix.lower() == ".csv":
             text = path.read_text()
             try:
                 data = torch.from_numpy(np.loadtxt(io.StringIO(text), delimiter=",", ndmin=2))
             except ValueError:  # a header line
                 data = torch.from_numpy(np.loadtxt(io.StringIO(text), delimiter=",", ndmin=2, skiprows=1))
-        elif suffix == ".npy":
+        elif path.suffix.lower() == ".npy":
             data = torch.from_numpy(np.load(path, allow_pickle=False))
         else:
             try:  # never unpickle arbitrary objects from an input file
@@ -94,7 +91,7 @@ def list_inputs(paths, shape, dtype, skip):
     items = []
     for path in map(Path, paths):
         files = sorted(f for f in path.rglob("*") if f.suffix.lower() in IMAGES | TABLES) if path.is_dir() else [path]
-        if path.is_dir() and not files:
+        if not files:  # an empty folder
             skip(path, "no image, .csv, .npy or .pt file in this folder")
         for file in files:
             if not file.exists():
@@ -115,8 +112,8 @@ class Inputs(Dataset):
     """(name, tensor or the reason it cannot be read) per input; images are opened as training's
     datasets open them (PIL; grayscale for a one-channel model) and given the eval transform."""
 
-    def __init__(self, items, transform, channels):
-        self.items, self.transform, self.mode = items, transform, "L" if channels == 1 else "RGB"
+    def __init__(self, items, transform, mode):
+        self.items, self.transform, self.mode = items, transform, mode
 
     def __len__(self):
         return len(self.items)
@@ -141,12 +138,12 @@ def predict_files(config, run, device, paths, expected, batch_size, skip):
     dtype = getattr(torch, expected["dtype"].removeprefix("torch.")) if expected else None
     cfg = config["data_loader"]
     transform, _ = make_transform(config, "eval_transform")  # an image is all of its sample here
-    channels = shape[0] if shape is not None and len(shape) == 3 else 3
-    items = list_inputs(paths, shape, dtype, skip)
-    inputs = Inputs(items, transform, channels)
+    mode = "L" if shape is not None and len(shape) == 3 and shape[0] == 1 else "RGB"  # gray: a 1-channel model
+    inputs = Inputs(list_inputs(paths, shape, dtype, skip), transform, mode)
     workers = auto_workers(inputs) if cfg["num_workers"] == "auto" else cfg["num_workers"]
+    batch_size = batch_size or cfg["batch_size"]
     loader = DataLoader(inputs, batch_size=batch_size, collate_fn=list,  # (name, tensor or reason) pairs
-                        num_workers=min(workers, len(items) // batch_size))  # none for a batch or two
+                        num_workers=min(workers, len(inputs) // batch_size))  # none for a batch or two
     for batch in progress_bar(loader, desc="predict"):
         good = []
         for name, x in batch:
@@ -169,28 +166,17 @@ def predict_files(config, run, device, paths, expected, batch_size, skip):
         yield from ((name, out, None) for (name, _), out in zip(good, outputs))
 
 
-def predict_test_split(config, run, step, device, dataset):
-    """[(name, output, target)] for the samples of the test split, through the run's own step when known."""
-    names = iter(sample_names(dataset))  # consumed batch by batch
+def predict_test_split(config, step, device, dataset):
+    """[(name, output, target)] for the samples of the test split, through `step`. A sample is named by its
+    file where the dataset lists them (ImageFolder's samples), else test[i]."""
+    indices, source = range(len(dataset)), dataset
+    while not hasattr(source, "samples") and hasattr(source, "dataset"):  # through Transformed, Subset
+        indices = [source.indices[i] for i in indices] if hasattr(source, "indices") else indices
+        source = source.dataset
+    names = iter([str(source.samples[i][0]) if hasattr(source, "samples") else f"test[{i}]" for i in indices])
     for batch in progress_bar(make_loader(config, dataset, device=device), desc="predict"):
-        batch = to_device(batch, device)
-        if step is not None:
-            _, output, target = step(batch)
-        elif isinstance(batch, (tuple, list)) and torch.is_tensor(batch[0]):
-            output, target = run(batch[0]), batch[1]
-        else:
-            raise DataError(f"data_loader: an exported model is run on (inputs, targets) batches; this dataset "
-                            f"gives {type(batch).__name__} batches: predict with the checkpoint")
+        _, output, target = step(to_device(batch, device))
         yield from ((next(names), out, t) for out, t in zip(output, target))
-
-
-def sample_names(dataset):
-    """A name per sample: its file where the dataset lists them (ImageFolder's samples), else test[i]."""
-    indices = range(len(dataset))
-    while not hasattr(dataset, "samples") and hasattr(dataset, "dataset"):  # through Transformed, Subset
-        indices = [dataset.indices[i] for i in indices] if hasattr(dataset, "indices") else indices
-        dataset = dataset.dataset
-    return [str(dataset.samples[i][0]) if hasattr(dataset, "samples") else f"test[{i}]" for i in indices]
 
 
 def to_rows(results, classes, top_k):
@@ -207,7 +193,8 @@ def to_rows(results, classes, top_k):
         else:
             row["output"] = json.dumps(output.tolist())
         if target is not None:
-            row["target"] = label(int(target)) if target.numel() == 1 and "predicted" in row else json.dumps(target.tolist())
+            is_label = target.numel() == 1 and "predicted" in row
+            row["target"] = label(int(target)) if is_label else json.dumps(target.tolist())
         yield row
 
 
@@ -230,13 +217,13 @@ def main(argv=None):
     start, skipped = time.perf_counter(), []
     config, device, run, step, info = load_model(args.resume, args.weights)
     expected, classes = info.get("input"), info.get("class_names")  # an artifact's, from model.json
-    if not args.inputs:
-        sets = make_datasets(config)
-    elif step is not None:  # a checkpoint: the input shape and class names of its data, where that is here
-        sets = datasets_if_here(config)
-    else:
-        sets = None
-    if sets is not None and step is not None:
+    try:  # the test split, or a checkpoint's input shape and class names (info is {} for a checkpoint)
+        sets = make_datasets(config) if not (info and args.inputs) else None
+    except (DataError, ConfigError):
+        if not args.inputs:
+            raise
+        sets = None  # a checkpoint on inputs without its data here (e.g. in production): the first input's shape
+    if sets is not None and not info:
         dataset = next(sets[k] for k in ("test", "valid", "train") if sets[k] is not None)
         expected, classes = first_input(dataset), class_names(dataset)
     out = args.output or (args.resume if args.resume.is_dir() else args.resume.parent) / "predictions.csv"
@@ -245,13 +232,12 @@ def main(argv=None):
         skipped.append(name)
         tqdm.write(f"skipped {name}: {reason}", file=sys.stderr)
     if args.inputs:
-        results = predict_files(config, run, device, args.inputs, expected, args.batch_size or config["data_loader"]["batch_size"], skip)
+        results = predict_files(config, run, device, args.inputs, expected, args.batch_size, skip)
+    elif sets["test"] is None:
+        raise ConfigError("data_loader: no test data (set data_loader.test_split or data_loader.test_dataset); "
+                          "or name inputs to predict")
     else:
-        test_set = sets["test"]
-        if test_set is None:
-            raise ConfigError("data_loader: no test data (set data_loader.test_split or data_loader.test_dataset); "
-                              "or name inputs to predict")
-        results = predict_test_split(config, run, step, device, test_set)
+        results = predict_test_split(config, step, device, sets["test"])
     with torch.no_grad():
         rows = list(to_rows(results, classes, args.top_k))
     if not rows:
