@@ -290,3 +290,14 @@ def test_the_end_of_training_is_summarized_and_a_missing_gpu_is_a_warning(straig
     best = straight.checkpoint()
     assert lines[end + 1] == f"Best val_ema_accuracy: {best['trainer']['monitor_best']:.6g}, epoch {best['epoch']}: " \
         f"{straight.model_dir / 'model_best.pth'}"
+
+
+def test_a_callback_method_that_is_no_event_is_refused(project, tmp_path):
+    (project / "callbacks" / "typo.py").write_text("class Typo:\n    def on_epoch_ends(self, trainer, epoch, log):\n"
+                                                    "        log['never'] = 1.0\n")
+    try:
+        out = train_in(project, "-c", "config.json", f"trainer.save_dir={tmp_path}", 'callbacks=[{"type": "Typo"}]')
+        assert_user_error(out, "callbacks[0]: Typo.on_epoch_ends is not one of on_train_start, on_step_end")
+        assert not any(tmp_path.iterdir())
+    finally:
+        (project / "callbacks" / "typo.py").unlink()

@@ -26,8 +26,17 @@ def build_loss_and_metrics(config, device):
     return criterion, {name: metric_object(config.init_ftn(f"metrics.{i}")) for i, name in enumerate(config.names())}
 
 
+EVENTS = ("on_train_start", "on_step_end", "on_epoch_end", "on_train_end")
+
+
 def build_callbacks(config) -> dict:
-    return {name: config.init_obj(f"callbacks.{i}") for i, name in enumerate(config.names("callbacks"))}
+    """{name: callback}; a method named on_* that is no event (a typo would never be called) is refused."""
+    callbacks = {name: config.init_obj(f"callbacks.{i}") for i, name in enumerate(config.names("callbacks"))}
+    for i, cb in enumerate(callbacks.values()):
+        wrong = [m for m in dir(cb) if m.startswith("on_") and m not in EVENTS]
+        if wrong:
+            raise ConfigError(f"callbacks[{i}]: {type(cb).__name__}.{wrong[0]} is not one of {', '.join(EVENTS)}")
+    return callbacks
 
 
 def load_run(resume, overrides=(), weights="model", device=None, logger=None) -> Run:
