@@ -41,8 +41,8 @@ TRAINER_DEFAULTS = {
 
 
 class BaseTrainer:
-    """Trains `model` on `data_loader`, validating on `valid_data_loader` (optional) each epoch; metrics and callbacks:
-    {name: object}. Subclasses implement step(batch) -> (loss, output, target)."""
+    """Trains `model` on `data_loader`, validating on `valid_data_loader` (optional) each epoch; metrics and
+    callbacks: {name: object}. Subclasses implement step(batch) -> (loss, output, target)."""
 
     # state_dict()["trainer"]: finished epochs, steps, batches of epoch + 1 done (mid-epoch), best, early-stop count
     STATE = ("epoch", "global_step", "batches_done", "monitor_best", "best_epoch", "not_improved_count")
@@ -61,15 +61,14 @@ class BaseTrainer:
         amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg["amp"])
         self.autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
         self.scaler = torch.amp.GradScaler(device.type, enabled=cfg["amp"] == "fp16")  # off: calls pass through
-        # len_epoch counts optimizer steps of accumulate_steps batches; else an epoch is one pass over the data
-        steps = cfg["len_epoch"]
+        steps = cfg["len_epoch"]  # optimizer steps of accumulate_steps batches; null: one pass over the data
         self.batches_per_epoch = steps * cfg["accumulate_steps"] if steps else len(data_loader or ())
         self.distributed, self.stop_request = dist.is_distributed(), StopRequest()
         self.outputs = self.rolling = self.last_saved = None  # rolling: the last epoch's checkpoint, if not kept
         self.epoch = self.global_step = self.batches_done = self.best_epoch = self.not_improved_count = 0
         self.monitor_best = math.inf if self.mnt_mode == "min" else -math.inf
 
-    def step(self, batch):
+    def step(self, batch):  # -> (loss, output, target); see trainer/trainer.py
         raise NotImplementedError
 
     def callback(self, event, *args):
@@ -78,8 +77,7 @@ class BaseTrainer:
             getattr(cb, event, lambda *_: None)(self, *args)
 
     def tensorboard(self, kind, tag, value, **kwargs):
-        """SummaryWriter.add_<kind>(tag, value, global step) on the run's TensorBoard (kind: scalar, image, images,
-        text, histogram, ...); nothing where there is none: other ranks, --dry-run, trainer.tensorboard false."""
+        """writer.add_<kind>(tag, value, global step) where the run has a TensorBoard writer (rank 0, no dry run)."""
         if self.outputs is not None and self.outputs.writer is not None:
             getattr(self.outputs.writer, "add_" + kind)(tag, value, self.global_step, **kwargs)
 
@@ -92,8 +90,7 @@ class BaseTrainer:
             "model": model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "lr_scheduler": self.lr_scheduler.state_dict() if self.lr_scheduler is not None else None,
             "scaler": self.scaler.state_dict(), "trainer": {key: getattr(self, key) for key in self.STATE},
-            # mid-epoch: each process's partial sums of the epoch's loss and metrics
-            "metrics": dist.gather_objects(self.metrics.state_dict()) if self.batches_done else None,
+            "metrics": dist.gather_objects(self.metrics.state_dict()) if self.batches_done else None,  # mid-epoch sums
             "rng": dist.gather_objects(get_rng_state()),  # one per process
             "callbacks": {name: cb.state_dict() for name, cb in self.callbacks.items() if hasattr(cb, "state_dict")},
         }
@@ -124,9 +121,9 @@ class BaseTrainer:
         self.resumed_at = Path(path), position_of(checkpoint)  # the file and where in training it stands
         self.rolling, self.last_saved = Path(path) if is_rolling(checkpoint, path) else None, Path(path)
         if saved_by != world and dist.is_main_process():
-            self.logger.warning("%s was saved by %d process(es), this run has %d: the global batch changes by "
-                                "%d/%d and RNG states are not restored (correct, but not bitwise)", path, saved_by,
-                                world, world, saved_by)
+            self.logger.warning("%s was saved by %d process(es), this run has %d: the global batch changes by %d/%d "
+                                "and RNG states are not restored (correct, not bitwise)", path, saved_by, world,
+                                world, saved_by)
         self.logger.info("Resumed from %s: epoch %d, step %d.", path, self.epoch, self.global_step)
 
     def train(self):
@@ -147,8 +144,8 @@ class BaseTrainer:
         finally:
             if self.outputs is not None:
                 self.outputs.close()
-        seconds = time.perf_counter() - start
-        self.logger.info("Finished at epoch %d in %.1f s; last checkpoint: %s", self.epoch, seconds, self.last_saved)
+        self.logger.info("Finished at epoch %d in %.1f s; last checkpoint: %s", self.epoch, time.perf_counter() - start,
+                         self.last_saved)
         if self.best_epoch:
             self.logger.info("Best %s: %.6g, epoch %d: %s", self.mnt_metric, self.monitor_best, self.best_epoch,
                              self.config.save_dir / "model_best.pth")
