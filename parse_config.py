@@ -1,8 +1,7 @@
 """ConfigParser: merge defaults and command-line overrides into a config, validate it, build what it names.
 
-Precedence: command-line overrides > the config file (or a resumed checkpoint's config) > defaults.
-Parsing has no side effects (make_run_dirs() creates the run's directories). The programs hand the
-parser a Registry (utils/registry.py): the only names it may build."""
+Precedence: command-line overrides > the config file (or a resumed checkpoint's config) > defaults. Parsing has no
+side effects (make_run_dirs() creates the directories); it builds only names of the Registry it is handed."""
 import copy
 import functools
 import inspect
@@ -35,17 +34,17 @@ TOP_LEVEL = {
     "callbacks": ([], list, "[{type, args[, name]}, ...]: objects whose on_* methods the trainer calls"),
     "trainer": ({}, dict, "training loop settings; see the trainer table"),
 }
-SECTIONS = {"data_loader": LOADER_DEFAULTS, "trainer": TRAINER_DEFAULTS}
 # Where a bare name is looked up after the project's own packages.
 DEFAULT_MODULES = {"optimizer": "torch.optim", "lr_scheduler": "torch.optim.lr_scheduler",
                    "train_transform": "torchvision.transforms.v2", "eval_transform": "torchvision.transforms.v2"}
 MINIMUM = {"n_gpu": 0, "seed": 0, "trainer.epochs": 1, "trainer.save_period": 1, "trainer.log_step": 1,
-           "trainer.early_stop": 0, "trainer.keep_last": 0, "trainer.save_every_steps": 0, "trainer.accumulate_steps": 1,
-           "data_loader.batch_size": 1, "data_loader.prefetch_factor": 1}
+           "trainer.early_stop": 0, "trainer.keep_last": 0, "trainer.save_every_steps": 0,
+           "trainer.accumulate_steps": 1, "data_loader.batch_size": 1, "data_loader.prefetch_factor": 1}
 MAXIMUM = {"seed": 2**32 - 1}  # numpy's limit; every other integer at most 2**31 - 1
 RESERVED = ("loss", "epoch", "lr", "epoch_seconds", "samples_per_second")  # columns the trainer writes itself
 EXTRA_KEYS = {"valid_dataset": ("optional",), "test_dataset": ("optional",), "metrics": ("name",),
               "callbacks": ("name",), "lr_scheduler": ("interval",)}
+A_NAME = "a name of 1-200 characters without path separators"
 
 
 def spec_of(value) -> dict:
@@ -55,32 +54,29 @@ def spec_of(value) -> dict:
 
 def object_paths(config):
     """The key path of every {type, args} (or bare name) the config asks to build."""
-    paths = ["arch", "optimizer", "loss", *(f"{key}.{i}" for key in ("metrics", "callbacks")
-                                            for i in range(len(config[key])))]
+    paths = ["arch", "optimizer", "loss"]
+    paths += [f"{key}.{i}" for key in ("metrics", "callbacks") for i in range(len(config[key]))]
     if config["lr_scheduler"] is not None:  # SequentialLR and ChainedScheduler: their schedulers first
-        inner = config["lr_scheduler"].get("args", {}).get("schedulers")
-        paths += [f"lr_scheduler.args.schedulers.{i}" for i in range(len(inner))] if is_chain(inner) else []
-        paths += ["lr_scheduler"]
+        chain = [f"lr_scheduler.args.schedulers.{i}" for i in range(chain_length(config["lr_scheduler"]))]
+        paths += [*chain, "lr_scheduler"]
     data = config["data_loader"]
     paths += [f"data_loader.{k}" for k in ("dataset", "valid_dataset", "test_dataset") if data[k] is not None]
-    for key in ("train_transform", "eval_transform"):
-        paths += [f"data_loader.{key}.{i}" for i in range(len(data[key]))]
-    return paths
+    return paths + [f"data_loader.{k}.{i}" for k in ("train_transform", "eval_transform") for i in range(len(data[k]))]
 
 
-def is_chain(schedulers) -> bool:
-    """Whether lr_scheduler.args.schedulers is a list of specs (SequentialLR's, ChainedScheduler's) to build."""
-    return isinstance(schedulers, list) and bool(schedulers) and all(isinstance(s, (str, dict)) for s in schedulers)
+def chain_length(sched) -> int:
+    """How many specs (SequentialLR's, ChainedScheduler's schedulers) lr_scheduler.args.schedulers lists to build."""
+    inner = sched.get("args", {}).get("schedulers")
+    return len(inner) if isinstance(inner, list) and all(isinstance(s, (str, dict)) for s in inner) else 0
 
 
 def parse_monitor(monitor: str, metric_names, callbacks=()):
-    """('min'|'max', metric) from a trainer.monitor string, or ('off', None); ConfigError if malformed.
-    `callbacks`: their classes; each may declare in `logs` what it adds to the epoch's log ("val_ema_{metric}")."""
+    """('min'|'max', metric) or ('off', None) from trainer.monitor; a callback class may add names in `logs`."""
     if monitor == "off":
         return "off", None
-    names = ["loss", *metric_names]
-    names += ["val_" + n for n in names]
-    names += [key.format(metric=n) for cls in callbacks for key in getattr(cls, "logs", ()) for n in names[:len(names) // 2]]
+    logged = ["loss", *metric_names]
+    names = logged + ["val_" + n for n in logged]
+    names += [key.format(metric=n) for cls in callbacks for key in getattr(cls, "logs", ()) for n in logged]
     parts = monitor.split()
     if len(parts) != 2 or parts[0] not in ("min", "max") or parts[1] not in names:
         raise ConfigError(f"trainer.monitor: {monitor[:80]!r} is not 'off' or 'min|max METRIC' "
@@ -90,45 +86,39 @@ def parse_monitor(monitor: str, metric_names, callbacks=()):
 
 def with_defaults(raw):
     """`raw` with every missing key of the top level, data_loader and trainer set to its default."""
-    def fill(given, schema, prefix):
+    config = dict(raw)
+    for section, schema in (("", TOP_LEVEL), ("data_loader", LOADER_DEFAULTS), ("trainer", TRAINER_DEFAULTS)):
+        given, prefix = (config[section], f"{section}.") if section else (config, "")
         check_keys(given, schema, prefix)
         for key, (default, types, _) in schema.items():
             if key not in given and default is REQUIRED:
                 raise ConfigError(f"{prefix}{key}: missing required key")
             given[key] = copy.deepcopy(given.get(key, default))
             check_type(given[key], types, prefix + key)
-        return given
-    config = fill(dict(raw), TOP_LEVEL, "")
-    for section, schema in SECTIONS.items():
-        fill(config[section], schema, f"{section}.")
     return config
 
 
 def _arg(value):
     """A string naming a torch dtype ("torch.float32") becomes that dtype; JSON cannot hold one."""
-    if isinstance(value, str) and value.startswith("torch.") and isinstance(getattr(torch, value[6:], None), torch.dtype):
-        return getattr(torch, value[6:])
-    return value
+    dtype = getattr(torch, value[6:], None) if isinstance(value, str) and value.startswith("torch.") else None
+    return dtype if isinstance(dtype, torch.dtype) else value
 
 
 class ConfigParser:
-    """A validated experiment config (plain data in .config) plus where its run writes: run_id, and
-    resume (True when continuing an existing run, in its directories)."""
+    """A validated config (plain data in .config), its run_id and resume (True: continuing a run in its directories)."""
 
     def __init__(self, raw: dict, overrides, registry, run_id=None, resume=False, run_dir=None):
-        self.registry = registry
+        self.registry, self.resume = registry, resume
         self.config = with_defaults(raw)
         for item in overrides:
             apply_override(self.config, item, self._params)
         self.config = with_defaults(self.config)  # an added (+) key is still checked against the schema
         self._validate()
-        self.resume = resume
         if run_id is not None and not is_name(run_id):
-            raise ConfigError(f"--run-id: {run_id[:80]!r} must be a name of 1-200 characters without path separators")
+            raise ConfigError(f"--run-id: {run_id[:80]!r} must be {A_NAME}")
         self.run_id = run_id or datetime.now().strftime("%Y%m%d_%H%M%S")
         self._run_id_given = run_id is not None
-        # A resumed run writes beside its checkpoint, never where the checkpoint's config says, unless
-        # this command line names a save_dir.
+        # A resumed run writes beside its checkpoint, not in its config's save_dir, unless this command line names one.
         relocated = any(o.lstrip("+").startswith("trainer.save_dir=") for o in overrides)
         self.run_dir = Path(run_dir) if run_dir is not None and not relocated else None
 
@@ -137,17 +127,15 @@ class ConfigParser:
 
     def resolve(self, path):
         """The class or function the spec at `path` names."""
-        section = path.split(".")[1] if path.startswith("data_loader.") else path.split(".")[0]
-        return self.registry.resolve(spec_of(get_path(self.config, path))["type"], where(path) + (
-            ".type" if isinstance(get_path(self.config, path), dict) else ""), DEFAULT_MODULES.get(section))
+        value, section = get_path(self.config, path), path.removeprefix("data_loader.").split(".")[0]
+        at = where(path) + (".type" if isinstance(value, dict) else "")
+        return self.registry.resolve(spec_of(value)["type"], at, DEFAULT_MODULES.get(section))
 
     def names(self, key="metrics") -> list:
         """What each metric (or callback) is called in logs (and checkpoints): its "name", else its snake_case."""
         return [m.get("name") or snake_case(m["type"].rpartition(".")[2]) for m in map(spec_of, self.config[key])]
 
-    @property
-    def metric_names(self) -> list:
-        return self.names("metrics")
+    metric_names = property(names)  # names("metrics")
 
     def _params(self, path):
         """Constructor parameters of what the spec at `path` names (settable by override without +)."""
@@ -159,25 +147,21 @@ class ConfigParser:
     def _validate(self):
         """Check everything that can be checked before building anything; raise on the first fault."""
         c, t, d = self.config, self.config["trainer"], self.config["data_loader"]
-        if not is_name(c["name"]):
-            raise ConfigError(f"name: {c['name'][:80]!r} must be a name of 1-200 characters without path separators")
-        if not t["save_dir"] or "\0" in t["save_dir"]:
-            raise ConfigError(f"trainer.save_dir: {t['save_dir'][:80]!r} must be a non-empty path without NUL bytes")
-        for key, low in MINIMUM.items():
-            if not low <= get_path(c, key) <= MAXIMUM.get(key, 2**31 - 1):
-                raise ConfigError(f"{key}: must be in [{low}, {MAXIMUM.get(key, 2**31 - 1)}], got {get_path(c, key)}")
-        if d["num_workers"] != "auto" and not (isinstance(d["num_workers"], int) and 0 <= d["num_workers"] <= 1024):
-            raise ConfigError(f"data_loader.num_workers: must be \"auto\" or in [0, 1024], got "
-                              f"{json.dumps(d['num_workers'])[:80]}")
-        for key in ("validation_split", "test_split"):
-            if not 0 <= d[key] < 1:
-                raise ConfigError(f"data_loader.{key}: must be in [0, 1), got {d[key]}")
-        for key, ok, allowed in (("len_epoch", t["len_epoch"] is None or t["len_epoch"] >= 1, ">= 1 or null"),
-                                 ("amp", t["amp"] in (None, "bf16", "fp16"), '"bf16", "fp16" or null'),
-                                 ("clip_grad_norm", t["clip_grad_norm"] is None or t["clip_grad_norm"] > 0, "> 0 or null"),
-                                 ("verbosity", t["verbosity"] in (0, 1, 2), "0, 1 or 2")):
+        bounds = {key: (low, MAXIMUM.get(key, 2**31 - 1)) for key, low in MINIMUM.items()}
+        checks = [  # (key path, whether its value is fine, what it must be); the types are checked already
+            ("name", is_name(c["name"]), A_NAME),
+            ("trainer.save_dir", t["save_dir"] and "\0" not in t["save_dir"], "a non-empty path without NUL bytes"),
+            *((key, low <= get_path(c, key) <= high, f"in [{low}, {high}]") for key, (low, high) in bounds.items()),
+            ("data_loader.num_workers", d["num_workers"] == "auto" or d["num_workers"] in range(1025),
+             '"auto" or in [0, 1024]'),
+            *((f"data_loader.{key}", 0 <= d[key] < 1, "in [0, 1)") for key in ("validation_split", "test_split")),
+            ("trainer.len_epoch", t["len_epoch"] is None or t["len_epoch"] >= 1, ">= 1 or null"),
+            ("trainer.amp", t["amp"] in (None, "bf16", "fp16"), '"bf16", "fp16" or null'),
+            ("trainer.clip_grad_norm", t["clip_grad_norm"] is None or t["clip_grad_norm"] > 0, "> 0 or null"),
+            ("trainer.verbosity", t["verbosity"] in (0, 1, 2), "0, 1 or 2")]
+        for key, ok, allowed in checks:
             if not ok:
-                raise ConfigError(f"trainer.{key}: must be {allowed}, got {json.dumps(t[key])[:80]}")
+                raise ConfigError(f"{key}: must be {allowed}, got {json.dumps(get_path(c, key))[:80]}")
         if isinstance(t["compile"], str) and t["compile"] not in torch.compiler.list_backends(exclude_tags=()):
             raise ConfigError(f"trainer.compile: unknown backend {t['compile'][:80]!r}; available: "
                               f"{', '.join(torch.compiler.list_backends(exclude_tags=()))}")
@@ -186,113 +170,101 @@ class ConfigParser:
         trainer = self.resolve("trainer")
         if not (inspect.isclass(trainer) and issubclass(trainer, BaseTrainer)):
             raise ConfigError(f"trainer.type: {t['type'][:80]} is not a BaseTrainer subclass (see trainer/trainer.py)")
-        names = self.metric_names
-        reserved = next((n for n in names if n in RESERVED or n.startswith("val_")), None)
+        reserved = [n for n in self.metric_names if n in RESERVED or n.startswith("val_")]
         if reserved:
-            raise ConfigError(f"metrics: {reserved!r} is a name the trainer logs itself; give the metric another \"name\"")
-        for key, given in (("metrics", names), ("callbacks", self.names("callbacks"))):
-            if len(set(given)) < len(given):
-                raise ConfigError(f"{key}: two {key} are named {next(n for n in given if given.count(n) > 1)!r}; "
-                                  "give one a \"name\"")
+            raise ConfigError(f'metrics: {reserved[0]!r} is a name the trainer logs itself; give it another "name"')
+        for key, given in (("metrics", self.metric_names), ("callbacks", self.names("callbacks"))):
+            twice = [n for n in given if given.count(n) > 1]
+            if twice:
+                raise ConfigError(f'{key}: two {key} are named {twice[0]!r}; give one a "name"')
         callbacks = [self.resolve(f"callbacks.{i}") for i in range(len(c["callbacks"]))]
-        self.monitor = mode, metric = parse_monitor(t["monitor"], names, callbacks)
+        self.monitor = mode, metric = parse_monitor(t["monitor"], self.metric_names, callbacks)
         if (metric or "").startswith("val_") and not (d["validation_split"] or d["valid_dataset"]):
-            raise ConfigError(f"trainer.monitor: {metric} needs validation data (data_loader.validation_split "
-                              "or data_loader.valid_dataset)")
+            raise ConfigError(f"trainer.monitor: {metric} needs validation data (validation_split or valid_dataset)")
         sched = c["lr_scheduler"]
-        if sched is not None:
-            sched.setdefault("interval", "epoch")
-            if sched["interval"] not in ("epoch", "step"):
-                raise ConfigError(f"lr_scheduler.interval: must be 'epoch' or 'step', got {str(sched['interval'])[:80]!r}")
-            if self.resolve("lr_scheduler") is torch.optim.lr_scheduler.ReduceLROnPlateau:
-                if mode == "off" or sched["interval"] != "epoch":
-                    raise ConfigError("lr_scheduler: ReduceLROnPlateau needs trainer.monitor (it steps on the "
-                                      "monitored metric) and interval 'epoch'")
-                if sched["args"].get("mode", "min") != mode:
-                    raise ConfigError(f"lr_scheduler.args.mode: must match trainer.monitor's {mode!r}, or the "
-                                      "learning rate is cut while the metric improves")
+        if sched is None:
+            return
+        sched.setdefault("interval", "epoch")
+        if sched["interval"] not in ("epoch", "step"):
+            raise ConfigError(f"lr_scheduler.interval: must be 'epoch' or 'step', got {str(sched['interval'])[:80]!r}")
+        plateau = self.resolve("lr_scheduler") is torch.optim.lr_scheduler.ReduceLROnPlateau
+        if plateau and (mode == "off" or sched["interval"] != "epoch"):
+            raise ConfigError("lr_scheduler: ReduceLROnPlateau needs a trainer.monitor to step on and interval 'epoch'")
+        if plateau and sched["args"].get("mode", "min") != mode:
+            raise ConfigError(f"lr_scheduler.args.mode: must match trainer.monitor's {mode!r}, or the "
+                              "learning rate is cut while the metric improves")
 
     def _check_spec(self, path):
         """The spec at `path` is a name or {type, args}; the name resolves and accepts the args."""
-        value = get_path(self.config, path)
+        value, at = get_path(self.config, path), where(path)
         if isinstance(value, str):
             return self.resolve(path)
-        check_type(value, dict, where(path))
-        section = path.split(".")[-2] if path.split(".")[-1].isdigit() else path.split(".")[-1]
-        check_keys(value, ("type", "args", *EXTRA_KEYS.get(section, ())), where(path) + ".")
+        check_type(value, dict, at)
+        section = [p for p in path.split(".") if not p.isdigit()][-1]
+        check_keys(value, ("type", "args", *EXTRA_KEYS.get(section, ())), at + ".")
         if "type" not in value:
-            raise ConfigError(f"{where(path)}.type: missing required key")
-        value.setdefault("args", {})
-        check_type(value["args"], dict, f"{where(path)}.args")
+            raise ConfigError(f"{at}.type: missing required key")
+        check_type(value.setdefault("args", {}), dict, f"{at}.args")
         obj = self.resolve(path)
-        extra = (None,) if path == "optimizer" else ()  # its parameters
-        extra_kw = {"optimizer": None} if path.startswith("lr_scheduler") else {}  # ChainedScheduler's 2nd
         try:
             signature = inspect.signature(obj)
         except (TypeError, ValueError):  # some builtins have none
-            return obj
+            return
+        given = (None,) if path == "optimizer" else ()  # the model's parameters
+        given_kw = {"optimizer": None} if path.startswith("lr_scheduler") else {}  # ChainedScheduler's 2nd
+        partial = inspect.isfunction(obj) and not path.startswith(("arch", "data_loader"))  # gets the batch later
         try:
-            (signature.bind_partial if inspect.isfunction(obj) and not path.startswith(("arch", "data_loader"))
-             else signature.bind)(*extra, **value["args"], **extra_kw)
+            (signature.bind_partial if partial else signature.bind)(*given, **value["args"], **given_kw)
         except TypeError as e:
-            raise ConfigError(f"{where(path)}.args: {e} (signature: {value['type']}{signature})") from None
-        return obj
+            raise ConfigError(f"{at}.args: {e} (signature: {value['type']}{signature})") from None
 
     def init_obj(self, path, *args, **kwargs):
-        """Build the spec at `path`: type(*args, **config args, **kwargs). Runtime objects (model
-        parameters, the optimizer) come in through args / kwargs, never through the config."""
-        spec = spec_of(get_path(self.config, path))
+        """Build the spec at `path`: type(*args, **config args, **kwargs); runtime objects never come via config."""
+        spec, at = spec_of(get_path(self.config, path)), where(path)
         overlap = set(kwargs) & set(spec["args"]) - {"schedulers"}  # a chain's specs, replaced by what they build
         if overlap:
-            raise ConfigError(f"{where(path)}.args: {', '.join(sorted(overlap))} is set by the program, not the config")
+            raise ConfigError(f"{at}.args: {', '.join(sorted(overlap))} is set by the program, not the config")
         obj = self.resolve(path)
         try:
             return obj(*args, **{**{k: _arg(v) for k, v in spec["args"].items()}, **kwargs})
         except (TypeError, ValueError) as e:
-            raise ConfigError(f"{where(path)}.args: {spec['type']} rejected {json.dumps(spec['args'])[:200]}: "
+            raise ConfigError(f"{at}.args: {spec['type']} rejected {json.dumps(spec['args'])[:200]}: "
                               f"{str(e)[:300]}") from None
         except (OSError, RuntimeError) as e:  # a dataset's missing files, a failed download
             data = path.startswith("data_loader")
             if isinstance(e, RuntimeError) and not data:
                 raise
             raise (DataError if data else ConfigError)(
-                f"{where(path)}: {spec['type']} failed: {str(e).strip()[:300]}{_files_hint(obj, spec)}") from None
+                f"{at}: {spec['type']} failed: {str(e).strip()[:300]}{_files_hint(obj, spec)}") from None
 
     def init_scheduler(self, optimizer):
         """lr_scheduler on `optimizer`; for SequentialLR and ChainedScheduler, the schedulers of its args first."""
-        inner = self["lr_scheduler"]["args"].get("schedulers")
-        if not is_chain(inner):
-            return self.init_obj("lr_scheduler", optimizer=optimizer)
-        schedulers = [self.init_obj(f"lr_scheduler.args.schedulers.{i}", optimizer) for i in range(len(inner))]
-        return self.init_obj("lr_scheduler", optimizer=optimizer, schedulers=schedulers)
+        n = chain_length(self["lr_scheduler"])
+        chain = {"schedulers": [self.init_obj(f"lr_scheduler.args.schedulers.{i}", optimizer) for i in range(n)]}
+        return self.init_obj("lr_scheduler", optimizer=optimizer, **(chain if n else {}))
 
     def init_ftn(self, path):
         """A loss or metric: a class is instantiated with its args; a function gets them bound."""
-        obj = self.resolve(path)
+        obj, args = self.resolve(path), spec_of(get_path(self.config, path))["args"]
         if inspect.isclass(obj):
             return self.init_obj(path)
-        args = spec_of(get_path(self.config, path))["args"]
         return functools.partial(obj, **args) if args else obj
 
     @property
     def save_dir(self) -> Path:
-        if self.run_dir is not None:
-            return self.run_dir
-        return Path(self.config["trainer"]["save_dir"]) / "models" / self.config["name"] / self.run_id
+        return self.run_dir or Path(self.config["trainer"]["save_dir"]) / "models" / self.config["name"] / self.run_id
 
     @property
     def log_dir(self) -> Path:
-        """<root>/log/<name>/<run_id> beside <root>/models/<name>/<run_id>; a resumed run's checkpoint
-        directory outside that layout keeps its logs in its own log/."""
+        """<root>/log/<name>/<run_id> beside <root>/models/<name>/<run_id>; outside that layout, the run's log/."""
         run = self.save_dir
         return run.parents[2] / "log" / run.parent.name / run.name if run.parent.parent.name == "models" \
             else run / "log"
 
     def make_run_dirs(self, reuse=False):
-        """Create the run's directories, lock the run (a second process training it is refused) and write
-        the resolved config there; the lock, a file to close when the run ends. A new run claims its
-        directory with an exclusive mkdir: an id taken in the same second gets a suffix, a taken --run-id
-        is an error (unless `reuse`: --auto-resume restarting a run with no checkpoint)."""
+        """Create the run's directories, lock the run (another process training it is refused), write the resolved
+        config there; return the lock, to close when the run ends. A new run claims its directory by exclusive mkdir:
+        a same-second id gets a suffix, a taken --run-id is an error (unless `reuse`: a run with no checkpoint yet)."""
         claimed = None
         try:
             if not self.resume and not reuse:

@@ -15,33 +15,32 @@ def load_config_file(path):
     try:
         with open(path, "rb") as f:
             raw = f.read(MAX_BYTES + 1)  # bounded: `-c /dev/zero` must not fill the memory
+        if len(raw) > MAX_BYTES:
+            raise ConfigError(f"{path}: larger than {MAX_BYTES} bytes; not a config")
         text = raw.decode("utf-8")
+        data = _load_yaml(path, text) if path.suffix in (".yaml", ".yml") else json.loads(text)
     except OSError as e:
         raise ConfigError(f"cannot read config {path}: {e.strerror}") from None
     except UnicodeDecodeError as e:
         raise ConfigError(f"{path}: not UTF-8 text (byte {e.start})") from None
-    if len(raw) > MAX_BYTES:
-        raise ConfigError(f"{path}: larger than {MAX_BYTES} bytes; not a config")
-    try:
-        if path.suffix in (".yaml", ".yml"):
-            import yaml  # only YAML configs need it
-            try:
-                data = yaml.safe_load(text)
-            except yaml.YAMLError as e:
-                mark = getattr(e, "problem_mark", None)
-                at = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
-                raise ConfigError(f"{path}{at}: invalid YAML: {str(getattr(e, 'problem', None) or e)[:200]}") from None
-        else:
-            try:
-                data = json.loads(text)
-            except json.JSONDecodeError as e:
-                raise ConfigError(f"{path}:{e.lineno}:{e.colno}: invalid JSON: {e.msg}") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}:{e.lineno}:{e.colno}: invalid JSON: {e.msg}") from None
     except RecursionError:
         raise ConfigError(f"{path}: nested too deeply; not a config") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the config must be a mapping of keys to values")
     check_size(data, str(path))
     return data
+
+
+def _load_yaml(path, text):
+    import yaml  # only YAML configs need it
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)  # where the parser stopped, when it knows
+        at = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
+        raise ConfigError(f"{path}{at}: invalid YAML: {str(getattr(e, 'problem', None) or e)[:200]}") from None
 
 
 def check_size(data, at):
@@ -62,41 +61,37 @@ def check_size(data, at):
 
 def apply_override(config, item, params):
     """Apply one `KEY.PATH=VALUE` (value read as JSON, else as a string); `+KEY.PATH=VALUE` adds a key."""
-    if "=" not in item:
-        raise ConfigError(f"override {item[:80]!r}: expected KEY.PATH=VALUE")
-    key, raw = item.split("=", 1)
+    key, equals, raw = item.partition("=")
     add, path = key.startswith("+"), key.lstrip("+").split(".")
-    if not all(path):
-        raise ConfigError(f"override {item[:80]!r}: empty key in {key[:80]!r}")
+    if not equals or not all(path):
+        raise ConfigError(f"override {item[:80]!r}: expected KEY.PATH=VALUE")
     try:
         value = json.loads(raw)
     except json.JSONDecodeError:
         value = raw
     node = config
     for i, part in enumerate(path[:-1]):
-        if isinstance(node, list) and part.isdigit() and int(part) < len(node):
-            node = node[int(part)]
-            continue
-        if isinstance(node, dict) and part not in node and add:
-            node[part] = {}
-        if not isinstance(node, dict) or not isinstance(node.get(part), (dict, list)):
-            return _unknown_key(config, path[:i + 1], item)
-        node = node[part]
+        is_index = isinstance(node, list) and part.isdigit() and int(part) < len(node)
+        if add and isinstance(node, dict):
+            node.setdefault(part, {})
+        if not is_index and not (isinstance(node, dict) and isinstance(node.get(part), (dict, list))):
+            return _unknown_key(config, ".".join(path[:i + 1]), item)
+        node = node[int(part)] if is_index else node[part]
     # A constructor argument of the class a {type, args} names may be set without +.
     settable = len(path) > 1 and path[-2] == "args" and path[-1] in params(".".join(path[:-2]))
     if not isinstance(node, dict) or (path[-1] not in node and not add and not settable):
-        return _unknown_key(config, path, item)
+        return _unknown_key(config, ".".join(path), item)
     node[path[-1]] = value
 
 
-def _unknown_key(config, path, item):
+def _unknown_key(config, key, item):
     def key_paths(tree, prefix=""):
         for k, v in tree.items() if isinstance(tree, dict) else ():
             yield prefix + k
             yield from key_paths(v, prefix + k + ".")
-    close = difflib.get_close_matches(".".join(path), list(key_paths(config)), n=3, cutoff=0.6)
+    close = difflib.get_close_matches(key, list(key_paths(config)))
     hint = f"; did you mean {' or '.join(close)}?" if close else ""
-    raise ConfigError(f"override {item[:80]!r}: no key {'.'.join(path)[:80]!r} in the config{hint} "
+    raise ConfigError(f"override {item[:80]!r}: no key {key[:80]!r} in the config{hint} "
                       "(prefix with + to add a new key)")
 
 
@@ -110,8 +105,7 @@ def where(path: str) -> str:
     return "".join(f"[{p}]" if p.isdigit() else f".{p}" for p in path.split(".")).lstrip(".")
 
 
-def get_path(config, path: str):
-    node = config
+def get_path(node, path: str):
     for part in path.split("."):
         node = node[int(part)] if isinstance(node, list) else node[part]
     return node
@@ -119,18 +113,16 @@ def get_path(config, path: str):
 
 def check_keys(section, schema, prefix):
     """No key of `section` outside `schema`; else an error naming it and its close matches."""
-    unknown = [k for k in section if k not in schema]
-    if unknown:
-        close = [prefix + k for k in difflib.get_close_matches(unknown[0], list(schema), n=3, cutoff=0.6)]
+    if unknown := [k for k in section if k not in schema]:
+        close = [prefix + k for k in difflib.get_close_matches(unknown[0], list(schema))]
         hint = f"; did you mean {' or '.join(close)}?" if close else f"; known keys: {', '.join(schema)}"
         raise ConfigError(f"{prefix}{unknown[0]}: unknown key{hint}")
 
 
 def check_type(value, types, at):
     types = types if isinstance(types, tuple) else (types,)
+    accepted = types + (int,) if float in types else types  # 3 is a fine float
     # bool is an int in Python, but `epochs: true` is a mistake, not 1 epoch.
-    ok = any(isinstance(value, t) and not (isinstance(value, bool) and t in (int, float)) for t in types) \
-        or (float in types and type(value) is int)
-    if not ok:
+    if not isinstance(value, accepted) or isinstance(value, bool) and bool not in types:
         names = " or ".join("null" if t is type(None) else t.__name__ for t in types)
         raise ConfigError(f"{at}: expected {names}, got {json.dumps(value, default=str)[:80]}")

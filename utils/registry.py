@@ -27,8 +27,7 @@ class Registry:
     def __init__(self, packages=PROJECT_PACKAGES, modules_file=PROJECT_MODULES):
         self.own, self.where, self.allowed = {}, {}, ALLOWED_MODULES + project_modules(modules_file)
         for package in filter(importlib.util.find_spec, packages):  # a project may have deleted one
-            pkg = importlib.import_module(package)
-            for info in pkgutil.iter_modules(pkg.__path__):
+            for info in pkgutil.iter_modules(importlib.import_module(package).__path__):
                 module = importlib.import_module(f"{package}.{info.name}")
                 for name, obj in vars(module).items():
                     if not name.startswith("_") and callable(obj) and getattr(obj, "__module__", "") == module.__name__:
@@ -50,17 +49,14 @@ class Registry:
             raise self._unknown(name, where, default)
         if name in REFUSED:
             raise ConfigError(f"{where}: {name} is not supported: {REFUSED[name]}")
-        obj = getattr(self._import(module, where), attr, None)
+        try:
+            obj = getattr(importlib.import_module(module), attr, None)
+        except ImportError as e:  # a module of allowed_modules.txt that is not installed
+            raise ConfigError(f"{where}: cannot import {module} (listed in {PROJECT_MODULES.name}): {e}") from None
         # only what the module itself provides, not a helper it imported (functools.wraps, typing.cast)
         if not callable(obj) or inspect.ismodule(obj) or not getattr(obj, "__module__", "").startswith(module):
             raise self._unknown(name, where, default, module)
         return obj
-
-    def _import(self, module, where):
-        try:
-            return importlib.import_module(module)
-        except ImportError as e:  # a module of allowed_modules.txt that is not installed
-            raise ConfigError(f"{where}: cannot import {module} (listed in {PROJECT_MODULES.name}): {e}") from None
 
     def _unknown(self, name, where, default, module=None):
         shown = repr(name)[:80]
@@ -72,21 +68,18 @@ class Registry:
             hint = f"did you mean {' or '.join(f'{module}.{c}' for c in close)}?" if close else f"see {module}"
             return ConfigError(f"{where}: unknown name {shown}; {hint}")
         close = difflib.get_close_matches(str(name), list(self.own), n=1)
+        available = ", ".join(sorted(self.own)) + (f", any {default} name" if default else "")
         return ConfigError(f"{where}: unknown name {shown}; " + (f"did you mean {close[0]}? " if close else "")
-                           + f"available: {', '.join(sorted(self.own))}"
-                           + (f", any {default} name" if default else "")
-                           + f", or a dotted name in {', '.join(self.allowed)}; to add your own, define it "
-                           f"in any file under {'/ or '.join(PROJECT_PACKAGES)}/")
+                           + f"available: {available}, or a dotted name in {', '.join(self.allowed)}; to add your "
+                           f"own, define it in any file under {'/ or '.join(PROJECT_PACKAGES)}/")
 
 
 def project_modules(path) -> tuple:
     """The module names listed in `path` (one a line; # starts a comment); () if there is no such file."""
     if not Path(path).is_file():
         return ()
-    names = []
-    for number, line in enumerate(Path(path).read_text().splitlines(), 1):
-        name = line.split("#")[0].strip()
+    names = [line.split("#")[0].strip() for line in Path(path).read_text().splitlines()]
+    for number, name in enumerate(names, 1):
         if name and not re.fullmatch(r"[A-Za-z]\w*(\.[A-Za-z]\w*)*", name):
             raise ConfigError(f"{path.name}:{number}: {name[:80]!r} is not a module name")
-        names += [name] if name else []
-    return tuple(names)
+    return tuple(filter(None, names))
