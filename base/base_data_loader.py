@@ -17,17 +17,13 @@ NoneType = type(None)
 # key: (default, allowed type(s), description). The README's config reference mirrors this table.
 LOADER_DEFAULTS = {
     "dataset": (REQUIRED, dict, "the data: {type: a Dataset class (yours, or torchvision.datasets.*), args}"),
-    "valid_dataset": (None, (dict, NoneType), "validation data {type, args[, optional: true]}; null = "
-                                              "validation_split of dataset (also when optional and absent)"),
-    "test_dataset": (None, (dict, NoneType), "test data for test.py {type, args[, optional: true]}; null = "
-                                             "test_split of dataset (also when optional and absent)"),
+    "valid_dataset": (None, (dict, NoneType), "validation data {type, args[, optional]}; null: validation_split"),
+    "test_dataset": (None, (dict, NoneType), "test data {type, args[, optional]} for test.py; null: test_split"),
     "validation_split": (0.0, float, "fraction of dataset held out for validation (when valid_dataset is null)"),
     "test_split": (0.0, float, "fraction of dataset held out for test.py (when test_dataset is null)"),
     "batch_size": (32, int, "samples per batch (per process under torchrun)"),
     "shuffle": (True, bool, "shuffle the training data, in an order fixed by seed and epoch"),
-    "num_workers": ("auto", (int, str), "DataLoader worker processes; 0 = load in the main process; \"auto\" = 0 "
-                                         "for in-memory tensors, else the CPUs of this process (per process "
-                                         "under torchrun), at most 8"),
+    "num_workers": ("auto", (int, str), "DataLoader worker processes (0: none); \"auto\": see auto_workers()"),
     "prefetch_factor": (4, int, "batches each worker loads ahead (with num_workers > 0)"),
     "train_transform": ([], list, "[{type, args}, ...] applied in order to each training sample"),
     "eval_transform": ([], list, "[{type, args}, ...] applied in order to each validation and test sample"),
