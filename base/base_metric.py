@@ -1,7 +1,6 @@
 """Dataset-level metrics: accumulate per batch, compute once per epoch. A Metric's state is one tensor of
 sums (`self.sums`), which add up over batches and processes: the result does not depend on the batch size,
 the engine can all_reduce them under torchrun, a mid-epoch checkpoint can store them. update() stays on the device."""
-import math
 import re
 
 import torch
@@ -38,14 +37,14 @@ class BatchMean(Metric):
         self.total = value * n if self.total is None else self.total.add_(value, alpha=n)
         self.count += n
 
-    @property
-    def sums(self):  # float64: exact counts beyond 2**24 samples
+    def _get_sums(self):  # float64: exact counts beyond 2**24 samples
         return None if self.total is None else torch.stack([self.total.double(), self.total.new_tensor(
             self.count, dtype=torch.float64)])
 
-    @sums.setter
-    def sums(self, sums):  # back to float32, the dtype an uninterrupted run accumulates in
+    def _set_sums(self, sums):  # back to float32, the dtype an uninterrupted run accumulates in
         self.total, self.count = (None, 0) if sums is None else (sums[0].float(), int(sums[1].item()))
+
+    sums = property(_get_sums, _set_sums)  # the Metric's sums, made from the running total and count
 
     def compute_from(self, sums):
         return sums[0] / sums[1]
@@ -84,16 +83,15 @@ class MetricTracker:
             # A process that saw no batch contributes zeros, shaped like the others' sums.
             every = dist.gather_objects([None if m.sums is None else tuple(m.sums.shape) for m in own])
             shapes = [next((s[i] for s in every if s[i] is not None), ()) for i in range(len(own))]
-            flat = dist.all_reduce(torch.cat([torch.zeros(shape, device=device, dtype=torch.float64).flatten()
-                                              if m.sums is None else m.sums.to(device, torch.float64).flatten()
-                                              for m, shape in zip(own, shapes)]))
-            for m, part, shape in zip(own, flat.split([math.prod(s) for s in shapes]), shapes):
-                m.sums = part.view(shape)
+            parts = [torch.zeros(shape, device=device) if m.sums is None else m.sums for m, shape in zip(own, shapes)]
+            flat = dist.all_reduce(torch.cat([part.to(device, torch.float64).flatten() for part in parts]))
+            for m, mine, summed in zip(own, parts, flat.split([part.numel() for part in parts])):
+                m.sums = summed.view(mine.shape)
         return {name: float(m.compute()) for name, m in self.metrics.items()}
 
     def state_dict(self) -> dict:
-        return {name: m.sums.cpu() if m.sums is not None else None
-                for name, m in self.metrics.items() if isinstance(m, Metric)}
+        # on the CPU; a metric without a batch yet keeps None
+        return {name: tree_map(torch.Tensor.cpu, m.sums) for name, m in self.metrics.items() if isinstance(m, Metric)}
 
     def load_state_dict(self, state: dict, device) -> None:
         for name, sums in state.items():

@@ -17,9 +17,8 @@ class MetricsCSV:
         self.path = Path(path)
 
     def rows(self):
-        if not self.path.is_file():
-            return []
-        rows = csv.DictReader(io.StringIO(self.path.read_text(errors="replace").replace("\0", ""), newline=""))
+        text = self.path.read_text(errors="replace").replace("\0", "") if self.path.is_file() else ""
+        rows = csv.DictReader(io.StringIO(text, newline=""))
         return [r for r in rows if (r.get("epoch") or "").isdigit() and None not in r and None not in r.values()]
 
     def truncate(self, last_epoch: int):
@@ -29,16 +28,12 @@ class MetricsCSV:
             self._write([r for r in self.rows() if int(r["epoch"]) <= last_epoch])
 
     def append(self, row: dict):
-        if self._header() != list(row):  # new file, or new columns: rewrite it whole
-            return self._write(self.rows() + [row])
-        with open(self.path, "a", newline="") as f:  # the usual case reads only the header line
-            csv.DictWriter(f, fieldnames=list(row), lineterminator="\n").writerow(row)
-
-    def _header(self):
-        if not self.path.is_file():
-            return None
-        with open(self.path, newline="") as f:
-            return next(csv.reader(f), [])
+        if self.path.is_file():
+            with open(self.path, "a+", newline="") as f:  # "a+": reads where it seeks to, writes at the end
+                f.seek(0)
+                if next(csv.reader(f), []) == list(row):  # the usual case reads only the header line
+                    return csv.DictWriter(f, fieldnames=list(row), lineterminator="\n").writerow(row)
+        self._write(self.rows() + [row])  # new file, or new columns: rewrite it whole
 
     def _write(self, rows):
         out = io.StringIO()
@@ -59,15 +54,15 @@ class RunOutputs:
         self.csv = MetricsCSV(Path(log_dir) / "metrics.csv")
         if resumed_at is not None:
             self.csv.truncate(resumed_at[0])
-        self.writer, self.monitor = None, monitor
-        self.run_info = config  # written to TensorBoard with the first epoch, when the metric names are known
+        # run_info: the config, written to TensorBoard with the first epoch, when the metric names are known
+        self.writer, self.monitor, self.run_info = None, monitor, config
         events = list(Path(log_dir).glob("events.out.tfevents.*")) if resumed_at is not None else []
         if events and resumed_at[1] == 0:
-            # An attempt that kept no step: its events go whole. (purge_step would rely on the new file
-            # sorting after the old one, which its name, <time in seconds>.<host>.<pid>, does not ensure.)
-            for file in events:
-                file.unlink()
-            events = []
+            # An attempt that kept no step: its events go whole, leaving nothing to purge. (purge_step would rely
+            # on the new file sorting after the old one, which its name, <time in seconds>.<host>.<pid>, does not
+            # ensure.)
+            while events:
+                events.pop().unlink()
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter  # slow to import: only when enabled
             self.writer = SummaryWriter(str(log_dir), purge_step=resumed_at[1] + 1 if events else None)
@@ -105,10 +100,8 @@ class RunOutputs:
 def scalar_tag(key: str) -> str:
     """metrics.csv column -> TensorBoard tag: loss -> loss/train, val_loss -> loss/valid, lr -> optimizer/lr,
     epoch_seconds -> time/epoch_seconds."""
-    if key == "lr":
-        return "optimizer/lr"
-    if key in ("epoch", "epoch_seconds", "samples_per_second"):
-        return f"time/{key}"
+    if key in ("lr", "epoch", "epoch_seconds", "samples_per_second"):
+        return "optimizer/lr" if key == "lr" else f"time/{key}"
     return f"{key[4:]}/valid" if key.startswith("val_") else f"{key}/train"
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from utils.config_file import check_size, is_name
+from utils.config_file import check_size, check_type, is_name
 from utils.errors import CheckpointError, ConfigError
 from utils.util import atomic_link, atomic_write_bytes, claim_dir
 
@@ -37,10 +37,7 @@ def supersede_after(run_dir, resumed: Path, position) -> list:
     for stale in Path(run_dir).glob(".*.tmp"):  # a save cut short by a crash
         stale.unlink()
     later = [p for p in list_checkpoints(run_dir) if _position(p) >= position and p.resolve() != resumed.resolve()]
-    if not later:
-        return []
-    (Path(run_dir) / "superseded").mkdir(exist_ok=True)
-    folder = claim_dir(Path(run_dir) / "superseded" / datetime.now().strftime("%Y%m%d_%H%M%S"))
+    folder = claim_dir(Path(run_dir) / "superseded" / datetime.now().strftime("%Y%m%d_%H%M%S")) if later else None
     return [path.replace(folder / path.name) for path in later]  # the paths they now have
 
 
@@ -52,14 +49,12 @@ def list_checkpoints(run_dir) -> list:
 def find_checkpoint(path) -> Path:
     """`path` itself if it is a file; for a run directory, its newest checkpoint."""
     path = Path(path)
-    if path.is_dir():
-        found = list_checkpoints(path)
-        if not found:
-            raise CheckpointError(f"{path}: no checkpoint-epoch*.pth in this directory")
-        return found[-1]
-    if not path.is_file():
+    if not (path.is_dir() or path.is_file()):
         raise CheckpointError(f"{path}: no such checkpoint file or run directory")
-    return path
+    found = list_checkpoints(path) if path.is_dir() else [path]
+    if not found:
+        raise CheckpointError(f"{path}: no checkpoint-epoch*.pth in this directory")
+    return found[-1]
 
 
 def latest_checkpoint(runs_dir, run_id=None, usable_by=1):
@@ -67,9 +62,8 @@ def latest_checkpoint(runs_dir, run_id=None, usable_by=1):
     under `runs_dir` (<save_dir>/models/<name>), that loads and that `usable_by` processes can resume
     (a mid-epoch one needs as many as saved it); (None, None) when there is none."""
     dirs = [Path(runs_dir) / run_id] if run_id else [d for d in Path(runs_dir).glob("*") if d.is_dir()]
-    runs = [found for found in map(list_checkpoints, dirs) if found]
-    newest_run = max(runs, key=lambda found: max(p.stat().st_mtime_ns for p in found), default=[])
-    for path in reversed(newest_run):
+    newest = max((p for d in dirs for p in list_checkpoints(d)), key=lambda p: p.stat().st_mtime_ns, default=None)
+    for path in reversed(list_checkpoints(newest.parent) if newest else []):  # the run most recently saved to
         try:
             checkpoint = load_checkpoint(path)
         except CheckpointError:
@@ -89,16 +83,13 @@ def load_checkpoint(path) -> dict:
     except pickle.UnpicklingError as e:
         # torch names the refused object on a line of its own, e.g. "unsupported GLOBAL posix.system ..."
         what = next((line for line in str(e).splitlines() if "GLOBAL" in line), "").strip()
-        raise CheckpointError(f"{path}: refused to load: it holds objects other than plain data, which could "
-                              f"run code; nothing was executed ({what[:200]})") from None
+        raise CheckpointError(f"{path}: refused to load: it holds objects that could run code ({what[:200]})") from None
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as e:
         first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"{path}: not a readable checkpoint (truncated or corrupt?): {first}") from None
-    missing = sorted(CHECKPOINT_KEYS - set(checkpoint if isinstance(checkpoint, dict) else ()))
-    if missing:
+    if missing := sorted(CHECKPOINT_KEYS - set(checkpoint if isinstance(checkpoint, dict) else ())):
         raise CheckpointError(f"{path}: not a checkpoint of this template (missing {', '.join(missing)})")
-    fault = _structure_fault(checkpoint)
-    if fault:
+    if fault := _structure_fault(checkpoint):
         raise CheckpointError(f"{path}: malformed checkpoint: {fault}")
     return checkpoint
 
@@ -109,23 +100,23 @@ def _structure_fault(c) -> str:
     check relying on the ones before it."""
     def count(v):
         return type(v) is int and 0 <= v < 2**62
-    def epochs():  # of the run that saved it
-        trainer = c["config"].get("trainer")
-        return trainer.get("epochs") if isinstance(trainer, dict) and count(trainer.get("epochs")) else 2**62
-    t, runs = c["trainer"], c["rng"]
+    try:  # first: the lookup below needs a mapping, and what later code walks stays small
+        check_type(c["config"], dict, "config")
+        check_size(c["config"], "config")
+    except ConfigError:
+        return "config is not a mapping of at most 100000 values"
+    t, runs, saved = c["trainer"], c["rng"], c["config"].get("trainer")  # saved: the run's trainer settings
+    epochs = saved["epochs"] if isinstance(saved, dict) and count(saved.get("epochs")) else 2**62
     checks = [
-        ("config is not a mapping of at most 100000 values", lambda: isinstance(c["config"], dict) and _small(c["config"])),
         ("run_id is not a run name", lambda: is_name(c["run_id"])),
         ("arch is not a name", lambda: isinstance(c["arch"], str)),
-        (f"trainer must hold exactly {', '.join(sorted(TRAINER_KEYS))}",
-         lambda: isinstance(t, dict) and set(t) == TRAINER_KEYS),
+        (f"trainer must hold exactly {sorted(TRAINER_KEYS)}", lambda: isinstance(t, dict) and set(t) == TRAINER_KEYS),
         ("trainer counters must be integers >= 0", lambda: all(count(t[k]) for k in TRAINER_KEYS - {"monitor_best"})),
         ("trainer.monitor_best is not a number", lambda: type(t["monitor_best"]) in (int, float)),
         ("epoch does not match trainer.epoch", lambda: c["epoch"] == t["epoch"] + (1 if t["batches_done"] else 0)),
-        ("trainer.epoch is past the run's trainer.epochs", lambda: t["epoch"] <= epochs()),
-        ("model is not a state_dict of tensors", lambda: _tensors(c["model"])),
-        ("callbacks is not a {name: state} mapping", lambda: isinstance(c["callbacks"], dict) and all(
-            isinstance(k, str) and isinstance(v, dict) for k, v in c["callbacks"].items())),
+        ("trainer.epoch is past the run's trainer.epochs", lambda: t["epoch"] <= epochs),
+        ("model is not a state_dict of tensors", lambda: _mapping(c["model"])),
+        ("callbacks is not a {name: state} mapping", lambda: _mapping(c["callbacks"], lambda v: isinstance(v, dict))),
         ("optimizer is not an optimizer state_dict", lambda: isinstance(c["optimizer"], dict) and isinstance(
             c["optimizer"].get("state"), dict) and isinstance(c["optimizer"].get("param_groups"), list)),
         ("lr_scheduler is not a state_dict or null", lambda: isinstance(c["lr_scheduler"], (dict, type(None)))),
@@ -134,24 +125,16 @@ def _structure_fault(c) -> str:
             isinstance(r, dict) and set(r) == {"python", "numpy", "torch", "cuda"} and torch.is_tensor(r["torch"])
             and all(isinstance(r[k], (tuple, list)) and len(r[k]) == n for k, n in (("python", 3), ("numpy", 5)))
             and isinstance(r["cuda"], list) for r in runs)),
-        ("metrics must be null at an epoch's end, else one {name: sums} per process", lambda: (
-            c["metrics"] is None) if not t["batches_done"] else isinstance(c["metrics"], list) and all(
-                isinstance(m, dict) and all(v is None or torch.is_tensor(v) for v in m.values())
-                for m in c["metrics"]) and len(c["metrics"]) == len(runs)),
+        ("metrics must be null at an epoch's end, else one {name: sums} per process", lambda: c["metrics"] is None
+         if not t["batches_done"] else isinstance(c["metrics"], list) and len(c["metrics"]) == len(runs)
+         and all(_mapping(m, lambda v: v is None or torch.is_tensor(v)) for m in c["metrics"])),
     ]
     return next((fault for fault, ok in checks if not ok()), "")
 
 
-def _tensors(state) -> bool:
-    return isinstance(state, dict) and all(isinstance(k, str) and torch.is_tensor(v) for k, v in state.items())
-
-
-def _small(config) -> bool:
-    try:
-        check_size(config, "config")
-        return True
-    except ConfigError:
-        return False
+def _mapping(value, fits=torch.is_tensor) -> bool:
+    """Whether `value` is a dict of string keys to tensors (or to values that `fits`), as a state_dict is."""
+    return isinstance(value, dict) and all(isinstance(k, str) and fits(v) for k, v in value.items())
 
 
 def check_resumable(checkpoint, path, has_scheduler: bool, world_size: int) -> None:
@@ -159,8 +142,7 @@ def check_resumable(checkpoint, path, has_scheduler: bool, world_size: int) -> N
     if (checkpoint["lr_scheduler"] is None) == has_scheduler:
         raise ConfigError(f"{path}: lr_scheduler differs from the one the checkpoint was trained with")
     if checkpoint["trainer"]["batches_done"] and len(checkpoint["rng"]) != world_size:
-        raise CheckpointError(f"{path}: this mid-epoch checkpoint was saved by {len(checkpoint['rng'])} process(es); "
-                              "resume it with as many, or resume an end-of-epoch checkpoint")
+        raise CheckpointError(f"{path}: saved by {len(checkpoint['rng'])} process(es) mid-epoch; resume with as many")
 
 
 def is_rolling(checkpoint, path) -> bool:
@@ -172,11 +154,9 @@ def is_rolling(checkpoint, path) -> bool:
 
 def model_weights(checkpoint, path, weights="model") -> dict:
     """The checkpoint's model state_dict ("model"), or the "weights" that the callback named `weights` saved."""
-    if weights == "model":
-        return checkpoint["model"]
-    state = checkpoint["callbacks"].get(weights, {}).get("weights")
-    if not _tensors(state):
-        have = ["model", *(n for n, s in checkpoint["callbacks"].items() if _tensors(s.get("weights")))]
+    state = checkpoint["model"] if weights == "model" else checkpoint["callbacks"].get(weights, {}).get("weights")
+    if not _mapping(state):
+        have = ["model", *(n for n, s in checkpoint["callbacks"].items() if _mapping(s.get("weights")))]
         raise CheckpointError(f"{path}: no weights {weights[:80]!r} in this checkpoint; it has: {', '.join(have)}")
     return state
 
@@ -184,22 +164,22 @@ def model_weights(checkpoint, path, weights="model") -> dict:
 def load_model_state(model, state, path, arch) -> None:
     """Load a state_dict of weights into `model` (a bare module), strictly, or explain the mismatch."""
     own = model.state_dict()
-    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
-    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
-              for k in sorted(set(own) & set(state)) if state[k].shape != own[k].shape]
-    if missing or unexpected or shapes:
+    faults = {"missing keys": sorted(set(own) - set(state)), "unexpected keys": sorted(set(state) - set(own)),
+              "shape mismatches": [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
+                                   for k in sorted(set(own) & set(state)) if state[k].shape != own[k].shape]}
+    if any(faults.values()):
         def some(keys):
             return ", ".join(keys[:5]) + (f" (+{len(keys) - 5} more)" if len(keys) > 5 else "") if keys else "none"
-        raise CheckpointError(f"{path}: weights of arch {arch!r} do not fit the model "
-                              f"{type(model).__name__}: missing keys: {some(missing)}; unexpected keys: "
-                              f"{some(unexpected)}; shape mismatches: {some(shapes)}")
+        listed = "; ".join(f"{what}: {some(keys)}" for what, keys in faults.items())
+        raise CheckpointError(f"{path}: weights of arch {arch!r} do not fit the model {type(model).__name__}: {listed}")
     model.load_state_dict(state)
 
 
 def save_checkpoint(state, run_dir, epoch, step, periodic, best, keep_last, replaces=None, write=True) -> Path:
     """Write checkpoint-epoch<N>[-step<S>].pth (periodic) and/or model_best.pth from one serialization, each
-    replaced atomically (model_best.pth as a second name of the periodic file, where the file system can); `replaces` (a rolling checkpoint) and, beyond keep_last, older checkpoints are deleted
-    only after the new one is on disk. Returns the periodic file's path (model_best.pth's if only best)."""
+    replaced atomically (model_best.pth as a second name of the periodic file, where the file system can);
+    `replaces` (a rolling checkpoint) and, beyond keep_last, older checkpoints are deleted only after the new
+    one is on disk. Returns the periodic file's path (model_best.pth's if only best)."""
     name = f"checkpoint-epoch{epoch}.pth" if step is None else f"checkpoint-epoch{epoch}-step{step}.pth"
     path = Path(run_dir) / (name if periodic else "model_best.pth")
     if not write:  # under torchrun only rank 0 writes

@@ -5,7 +5,7 @@ import json
 import logging
 import os
 import random
-import tempfile
+import secrets
 from pathlib import Path
 
 import numpy as np
@@ -16,40 +16,38 @@ def atomic_write_bytes(data: bytes, path) -> None:
     """Write to a temp file beside `path`, fsync, rename into place, fsync the directory: a crash at
     any instant leaves the old file or the complete new one under `path`, never a partial file."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")  # beside it: the rename stays on one disk
     try:
-        umask = os.umask(0o022)  # mkstemp makes the file private (0600); outputs follow the umask instead,
-        os.umask(umask)  # so a save_dir shared by a team stays readable to it
-        os.fchmod(fd, 0o666 & ~umask)
-        with os.fdopen(fd, "wb") as f:
+        # "x" creates it with the permissions the umask gives, as any output (mkstemp's would be private,
+        # 0600): a save_dir shared by a team stays readable to it
+        with open(tmp, "xb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        _replace(tmp, path)
     except BaseException as e:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         if isinstance(e, OSError):  # name the file being written, not the temp file
             raise OSError(e.errno, e.strerror, str(path)) from None
         raise
-    _fsync_dir(path.parent)
 
 
 def atomic_link(source: Path, path: Path) -> bool:
     """Make `path` a second name of the complete file `source` (no second copy of its bytes), replacing
     `path` atomically; False where the file system has no hard links."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
     try:
-        tmp.unlink(missing_ok=True)
         os.link(source, tmp)
     except OSError:
         return False
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    _replace(tmp, path)
     return True
 
 
-def _fsync_dir(directory) -> None:
-    fd = os.open(directory, os.O_RDONLY)  # a rename is durable once the directory entry is on disk
+def _replace(tmp: Path, path: Path) -> None:
+    """os.replace, then fsync the directory: a rename is durable once the directory entry is on disk."""
+    os.replace(tmp, path)
+    fd = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
@@ -57,11 +55,12 @@ def _fsync_dir(directory) -> None:
 
 
 def claim_dir(path: Path, numbered=True) -> Path:
-    """Create `path` (or, if it exists and `numbered`, <path>_1, <path>_2, ...) exclusively; the one created."""
+    """Create `path` (or, if it exists and `numbered`, <path>_1, <path>_2, ...) exclusively, with any missing
+    parents; the one created."""
     for n in itertools.count():
         candidate = path.with_name(f"{path.name}_{n}") if n else path
         try:
-            candidate.mkdir()
+            candidate.mkdir(parents=True)
             return candidate
         except FileExistsError:
             if not numbered:
@@ -75,13 +74,11 @@ def lock_dir(directory: Path):
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        lock.seek(0)
-        owner = lock.read().strip()[:20]
-        lock.close()
-        return None, owner
+        with lock:
+            lock.seek(0)
+            return None, lock.read().strip()[:20]
     lock.truncate(0)
-    lock.write(str(os.getpid()))
-    lock.flush()
+    print(os.getpid(), file=lock, flush=True)
     return lock, None
 
 
@@ -102,14 +99,11 @@ def seed_everything(seed: int) -> None:
 
 def get_rng_state() -> dict:
     """Every global RNG state as plain data (tensors, ints, strings), so weights_only loading works."""
-    np_state = np.random.get_state()
-    return {
-        "python": random.getstate(),
-        "numpy": (np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]),
-        "torch": torch.get_rng_state(),
-        # only this process's GPU: another machine may see a different number of them
-        "cuda": [torch.cuda.get_rng_state()] if torch.cuda.is_available() and torch.cuda.is_initialized() else [],
-    }
+    name, keys, *rest = np.random.get_state()
+    # only this process's GPU: another machine may see a different number of them
+    cuda = [torch.cuda.get_rng_state()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+    return {"python": random.getstate(), "numpy": (name, torch.from_numpy(keys.astype(np.int64)), *rest),
+            "torch": torch.get_rng_state(), "cuda": cuda}
 
 
 def set_rng_state(state: dict) -> None:
