@@ -20,7 +20,7 @@ def _changed_split(config, saved):
     def split(c):
         d = c.get("data_loader", {})
         return {"seed": c.get("seed"), "data_loader.dataset.type": (d.get("dataset") or {}).get("type"),
-                "data_loader.validation_split": d.get("validation_split"), "data_loader.test_split": d.get("test_split"),
+                **{f"data_loader.{k}": d.get(k) for k in ("validation_split", "test_split")},
                 "data_loader.valid_dataset": d.get("valid_dataset") is None}
     if config["data_loader"]["test_dataset"] is not None:
         return None

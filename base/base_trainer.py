@@ -41,8 +41,7 @@ TRAINER_DEFAULTS = {
 
 
 class BaseTrainer:
-    """Trains `model` on `data_loader`, validating on `valid_data_loader` (optional) each epoch; metrics and
-    callbacks: {name: object}. Subclasses implement step(batch) -> (loss, output, target)."""
+    """Trains `model` on `data_loader` (validating on `valid_data_loader`) with the step(batch) a subclass defines."""
 
     # state_dict()["trainer"]: finished epochs, steps, batches of epoch + 1 done (mid-epoch), best, early-stop count
     STATE = ("epoch", "global_step", "batches_done", "monitor_best", "best_epoch", "not_improved_count")
@@ -150,9 +149,7 @@ class BaseTrainer:
             self.logger.info("Best %s: %.6g, epoch %d: %s", self.mnt_metric, self.monitor_best, self.best_epoch,
                              self.config.save_dir / "model_best.pth")
 
-    def _train_epochs(self):
-        if self._stopped_early() or self.epoch >= self.cfg["epochs"]:
-            self.logger.warning("This run already ended at epoch %d (train longer with trainer.epochs=N)", self.epoch)
+    def _train_epochs(self):  # a finished run (resumed) trains no epoch; its summary says where it ended
         for epoch in range(self.epoch + 1, self.cfg["epochs"] + 1):
             if self._stopped_early():
                 break
