@@ -109,9 +109,8 @@ class BaseTrainer:
                 self.metrics.load_state_dict(checkpoint["metrics"][dist.rank()], self.device)
             if saved_by == world:
                 set_rng_state(checkpoint["rng"][dist.rank()])
-            for name, cb in self.callbacks.items():
-                if hasattr(cb, "load_state_dict"):
-                    cb.load_state_dict(checkpoint["callbacks"][name])
+            for name in [n for n, cb in self.callbacks.items() if hasattr(cb, "load_state_dict")]:
+                self.callbacks[name].load_state_dict(checkpoint["callbacks"][name])
         except (KeyError, TypeError, ValueError, RuntimeError, IndexError, AttributeError) as e:
             raise CheckpointError(f"{path}: its optimizer, scheduler, scaler, metric, RNG or callback state does "
                                   f"not fit this run ({type(e).__name__}: {str(e)[:200]})") from None
@@ -253,7 +252,8 @@ class BaseTrainer:
     def evaluate(self, loader, desc="valid", max_batches=None, model=None) -> dict:
         """Loss and metrics of `model` (default: the trained one) over `loader` and all processes, under autocast.
         Under torchrun the bare module runs, with rank 0's buffers: DDP's forward is a collective."""
-        trained, self.model = self.model, model or (unwrap_model(self.model) if self.distributed else self.model)
+        default = unwrap_model(self.model) if self.distributed else self.model
+        trained, self.model = self.model, default if model is None else model
         dist.broadcast_buffers(self.model)
         self.model.eval()
         self.metrics.reset()

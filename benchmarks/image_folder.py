@@ -66,6 +66,7 @@ def template_config(root, save_dir, epochs):
                         "train_transform": transform(True), "eval_transform": transform(False)},
         "optimizer": {"type": "Adam", "args": {"lr": LR}},
         "loss": "torch.nn.CrossEntropyLoss", "metrics": ["accuracy"],
+        "callbacks": [{"type": "InputImages"}],  # as the shipped configs have it (the former trainer.log_images)
         "trainer": {"epochs": epochs, "save_dir": str(save_dir), "monitor": "max val_accuracy"},
     }
 
