@@ -66,7 +66,8 @@ def object_paths(config):
 
 def chain_length(sched) -> int:
     """How many specs (SequentialLR's, ChainedScheduler's schedulers) lr_scheduler.args.schedulers lists to build."""
-    inner = sched.get("args", {}).get("schedulers")
+    args = sched.get("args")  # not checked yet: _check_spec comes after
+    inner = args.get("schedulers") if isinstance(args, dict) else None
     return len(inner) if isinstance(inner, list) and all(isinstance(s, (str, dict)) for s in inner) else 0
 
 
@@ -125,8 +126,7 @@ class ConfigParser:
     def __getitem__(self, key):
         return self.config[key]
 
-    def resolve(self, path):
-        """The class or function the spec at `path` names."""
+    def resolve(self, path):  # the class or function the spec at `path` names
         value, section = get_path(self.config, path), path.removeprefix("data_loader.").split(".")[0]
         at = where(path) + (".type" if isinstance(value, dict) else "")
         return self.registry.resolve(spec_of(value)["type"], at, DEFAULT_MODULES.get(section))
@@ -137,8 +137,7 @@ class ConfigParser:
 
     metric_names = property(names)  # names("metrics")
 
-    def _params(self, path):
-        """Constructor parameters of what the spec at `path` names (settable by override without +)."""
+    def _params(self, path):  # what the spec at `path` takes: settable by override without +
         try:
             return set(inspect.signature(self.resolve(path)).parameters)
         except (ConfigError, KeyError, IndexError, TypeError, ValueError):
@@ -194,8 +193,7 @@ class ConfigParser:
             raise ConfigError(f"lr_scheduler.args.mode: must match trainer.monitor's {mode!r}, or the "
                               "learning rate is cut while the metric improves")
 
-    def _check_spec(self, path):
-        """The spec at `path` is a name or {type, args}; the name resolves and accepts the args."""
+    def _check_spec(self, path):  # the spec at `path` is a name or {type, args}; it resolves and takes the args
         value, at = get_path(self.config, path), where(path)
         if isinstance(value, str):
             return self.resolve(path)
@@ -210,8 +208,9 @@ class ConfigParser:
             signature = inspect.signature(obj)
         except (TypeError, ValueError):  # some builtins have none
             return
-        given = (None,) if path == "optimizer" else ()  # the model's parameters
-        given_kw = {"optimizer": None} if path.startswith("lr_scheduler") else {}  # ChainedScheduler's 2nd
+        chained = obj is torch.optim.lr_scheduler.ChainedScheduler  # (schedulers, optimizer=None)
+        given = (None,) if path == "optimizer" or path.startswith("lr_scheduler") and not chained else ()
+        given_kw = {"optimizer": None} if chained else {}
         partial = inspect.isfunction(obj) and not path.startswith(("arch", "data_loader"))  # gets the batch later
         try:
             (signature.bind_partial if partial else signature.bind)(*given, **value["args"], **given_kw)
@@ -241,10 +240,11 @@ class ConfigParser:
         """lr_scheduler on `optimizer`; for SequentialLR and ChainedScheduler, the schedulers of its args first."""
         n = chain_length(self["lr_scheduler"])
         chain = {"schedulers": [self.init_obj(f"lr_scheduler.args.schedulers.{i}", optimizer) for i in range(n)]}
-        return self.init_obj("lr_scheduler", optimizer=optimizer, **(chain if n else {}))
+        chained = self.resolve("lr_scheduler") is torch.optim.lr_scheduler.ChainedScheduler  # (schedulers, optimizer)
+        args, kwargs = ((), {"optimizer": optimizer}) if chained else ((optimizer,), {})
+        return self.init_obj("lr_scheduler", *args, **kwargs, **(chain if n else {}))
 
-    def init_ftn(self, path):
-        """A loss or metric: a class is instantiated with its args; a function gets them bound."""
+    def init_ftn(self, path):  # a loss or metric: a class is built with its args, a function gets them bound
         obj, args = self.resolve(path), spec_of(get_path(self.config, path))["args"]
         if inspect.isclass(obj):
             return self.init_obj(path)

@@ -40,6 +40,8 @@ def load_model(path, weights):
     if path.suffix not in LOADERS:
         run = load_run(path, weights=weights)
         return run.config, run.device, run.model, run.trainer.step, {}
+    if weights != "model":
+        raise ConfigError(f"--weights {weights[:80]}: an exported model holds the weights it was exported with")
     config, device, model, info = load_artifact(path)
 
     def step(batch):

@@ -42,6 +42,7 @@ def main(argv=None):
     setup_logging(None, 1)
     run = load_run(args.resume, args.overrides, args.weights, logger=logging.getLogger("test"))
     config = run.config
+    setup_logging(None, config["trainer"]["verbosity"])
     changed = _changed_split(config.config, run.checkpoint["config"])
     if changed:
         raise ConfigError(f"{changed}: changing it would put training samples into the test split; evaluate on "

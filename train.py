@@ -102,6 +102,7 @@ def dry_run(trainer, batches):
     `batches` batches; write nothing."""
     trainer.cfg = {**trainer.cfg, "save_every_steps": 0}  # no checkpoints: a dry run has no run directory
     trainer.batches_done = 0
+    trainer.callback("on_train_start")
     trainer.logger.info("dry run: %d training batches: %s", batches, trainer.train_epoch(trainer.epoch + 1, batches)[0])
     if trainer.valid_data_loader is not None:
         valid = trainer.evaluate(trainer.valid_data_loader, max_batches=batches)

@@ -55,11 +55,11 @@ class BaseTrainer:
         self.cfg = cfg = config["trainer"]
         self.metrics = MetricTracker(metrics)  # both phases: training's values are computed before validation
         self.mnt_mode, self.mnt_metric = config.monitor
-        if cfg["amp"] == "fp16" and device.type != "cuda":
+        if cfg["amp"] == "fp16" and device.type != "cuda" and optimizer is not None:  # evaluating: full precision
             raise ConfigError("trainer.amp: fp16 needs a CUDA device; use \"bf16\" on the CPU")
-        amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg["amp"])
+        amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16 if device.type == "cuda" else None}.get(cfg["amp"])
         self.autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
-        self.scaler = torch.amp.GradScaler(device.type, enabled=cfg["amp"] == "fp16")  # off: calls pass through
+        self.scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)  # off: calls pass through
         steps = cfg["len_epoch"]  # optimizer steps of accumulate_steps batches; null: one pass over the data
         self.batches_per_epoch = steps * cfg["accumulate_steps"] if steps else len(data_loader or ())
         self.distributed, self.stop_request = dist.is_distributed(), StopRequest()
@@ -127,6 +127,7 @@ class BaseTrainer:
     def train(self):
         """Train to trainer.epochs; Preempted after saving on SIGTERM / SIGINT, TrainingError on a NaN loss."""
         start = time.perf_counter()
+        self.callback("on_train_start")  # before any output opens: a callback that refuses changes nothing
         if dist.is_main_process():  # only rank 0 writes
             if self.config.resume:  # forget what was logged and saved after the resumed checkpoint
                 for moved in supersede_after(self.config.save_dir, *self.resumed_at):
@@ -136,7 +137,6 @@ class BaseTrainer:
                                       self.config.config, self.mnt_metric)
         try:
             with self.stop_request:
-                self.callback("on_train_start")
                 self._train_epochs()
                 self.callback("on_train_end")
         finally:

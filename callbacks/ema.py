@@ -5,6 +5,7 @@ import torch
 from torch.optim.swa_utils import get_ema_multi_avg_fn
 
 from utils import unwrap_model
+from utils.errors import CheckpointError
 
 
 class EMA:
@@ -21,8 +22,11 @@ class EMA:
     def on_train_start(self, trainer):
         model = unwrap_model(trainer.model)
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
-        if self.saved is not None:  # resumed: the average as it was
-            self.model.load_state_dict(self.saved)
+        try:
+            if self.saved is not None:  # resumed: the average as it was
+                self.model.load_state_dict(self.saved)
+        except (RuntimeError, TypeError, AttributeError) as e:  # a damaged or foreign checkpoint
+            raise CheckpointError(f"callbacks: the EMA weights do not fit the model ({str(e)[:200]})") from None
         self.pairs = [list(m.parameters()) for m in (self.model, model)]
         self.buffers = [list(m.buffers()) for m in (self.model, model)]
 

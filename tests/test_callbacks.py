@@ -301,3 +301,45 @@ def test_a_callback_method_that_is_no_event_is_refused(project, tmp_path):
         assert not any(tmp_path.iterdir())
     finally:
         (project / "callbacks" / "typo.py").unlink()
+
+
+def test_review_cases_one_line_each(project, tmp_path):
+    """A non-dict lr_scheduler.args, --weights on an exported model, a dry run with the EMA, a scheduler whose
+    first parameter is not called optimizer, and damaged EMA weights in a checkpoint."""
+    common = ["-c", "config.json", f"trainer.save_dir={tmp_path}", *FAST]
+    assert_user_error(train_in(project, *common, 'lr_scheduler={"type": "StepLR", "args": [10]}'),
+                      "lr_scheduler.args: expected dict")
+    dry = train_in(project, *common, "--dry-run", 'callbacks=[{"type": "EMA"}]', "trainer.monitor=max val_ema_accuracy")
+    assert_ok(dry)
+    (project / "model" / "half.py").write_text("from torch.optim.lr_scheduler import LambdaLR\n\n\nclass HalfLR(LambdaLR):\n"
+                                               "    def __init__(self, opt, factor=0.5):\n"
+                                               "        super().__init__(opt, lambda epoch: factor ** epoch)\n")
+    try:
+        assert_ok(train_in(project, *common, "--dry-run", 'lr_scheduler={"type": "HalfLR"}'))
+    finally:
+        (project / "model" / "half.py").unlink()
+    assert_ok(train_in(project, *common, "--run-id", "e", "trainer.epochs=1", 'callbacks=[{"type": "EMA"}]'))
+    run = Run(tmp_path, "e")
+    ck = torch.load(run.model_dir / "checkpoint-epoch1.pth", weights_only=True)
+    ck["callbacks"]["ema"]["weights"]["fc2.weight"] = torch.zeros(3, 3)
+    torch.save(ck, run.model_dir / "checkpoint-epoch1.pth")
+    before = sorted(p.name for p in run.model_dir.rglob("*"))
+    out = train_in(project, "-r", run.model_dir / "checkpoint-epoch1.pth", "trainer.epochs=2")
+    assert_user_error(out, "the EMA weights do not fit the model")
+    assert sorted(p.name for p in run.model_dir.rglob("*")) == before  # nothing superseded or written
+    assert_ok(subprocess.run([sys.executable, "export.py", "-r", run.model_dir / "checkpoint-epoch1.pth", "--format",
+                              "torchscript"], cwd=project, capture_output=True, text=True, env=THREADS_ENV))
+    out = subprocess.run([sys.executable, "predict.py", "-r", run.model_dir / "model.ts", "--weights", "ema"],
+                         cwd=project, capture_output=True, text=True, env=THREADS_ENV)
+    assert_user_error(out, "--weights ema: an exported model holds the weights it was exported with")
+
+
+def test_an_fp16_run_still_exports_and_tests_on_the_cpu(tmp_path):
+    """fp16 needs CUDA to train; a checkpoint of such a run is evaluated and exported in full precision."""
+    from conftest import train
+    run = train(tmp_path / "saved", "trainer.epochs=1", *FAST)
+    ck = run.checkpoint("checkpoint-epoch1.pth")
+    ck["config"]["trainer"]["amp"] = "fp16"
+    torch.save(ck, run.model_dir / "checkpoint-epoch1.pth")
+    assert_ok(run_script("export.py", "-r", run.model_dir / "checkpoint-epoch1.pth", "--format", "torchscript"))
+    assert_ok(run_script("test.py", "-r", run.model_dir / "checkpoint-epoch1.pth"))

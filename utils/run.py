@@ -33,7 +33,7 @@ def build_callbacks(config) -> dict:
     """{name: callback}; a method named on_* that is no event (a typo would never be called) is refused."""
     callbacks = {name: config.init_obj(f"callbacks.{i}") for i, name in enumerate(config.names("callbacks"))}
     for i, cb in enumerate(callbacks.values()):
-        wrong = [m for m in dir(cb) if m.startswith("on_") and m not in EVENTS]
+        wrong = [m for m in dir(cb) if m.startswith("on_") and m not in EVENTS and callable(getattr(cb, m))]
         if wrong:
             raise ConfigError(f"callbacks[{i}]: {type(cb).__name__}.{wrong[0]} is not one of {', '.join(EVENTS)}")
     return callbacks
