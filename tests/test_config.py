@@ -310,7 +310,7 @@ ERRORS = [
     case("optimizer-params-from-config", None, ["optimizer.args.params=[]"],
          ["optimizer.args: ", "multiple values for argument 'params'"]),
     case("scheduler-optimizer-from-config", None, ["lr_scheduler.args.optimizer=1"],
-         ["lr_scheduler.args: ", "got multiple values for keyword argument 'optimizer'"]),
+         ["lr_scheduler.args: ", "multiple values for argument 'optimizer'"]),
     # The seed is a top-level setting (it seeds the split and the order); the loader has none.
     case("loader-seed", None, ["data_loader.seed=3"], ["override 'data_loader.seed=3'", "no key"]),
     case("loader-seed-in-file", _with(data_loader__seed=3), [], ["data_loader.seed: unknown key"]),
