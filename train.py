@@ -119,6 +119,8 @@ def main(argv=None):
     device = setup_device(config["n_gpu"])
     try:
         run(args, config, checkpoint, checkpoint_path, device, verbosity)
+        if dist.is_distributed():  # all done before any process tears the group down (gloo may abort a rank)
+            torch.distributed.barrier()
     finally:
         dist.cleanup()
 
