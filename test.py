@@ -39,7 +39,7 @@ def main(argv=None):
     if args.device:
         os.environ["CUDA_VISIBLE_DEVICES"] = args.device
     args.overrides += [f"data_loader.batch_size={args.bs}"] * (args.bs is not None)
-    setup_logging(None, 1)
+    setup_logging(None, 1)  # console only: load_run's warnings (e.g. no GPU) show before the config is read
     run = load_run(args.resume, args.overrides, args.weights, logger=logging.getLogger("test"))
     config = run.config
     setup_logging(None, config["trainer"]["verbosity"])

@@ -18,6 +18,7 @@ from utils.preemption import PREEMPTED, StopRequest
 from utils.util import get_rng_state, set_rng_state, to_device, unwrap_model
 
 NoneType = type(None)
+EVENTS = ("on_train_start", "on_step_end", "on_epoch_end", "on_train_end")  # a callback's optional methods
 # key: (default, allowed type(s), description). The README's config reference mirrors this table.
 TRAINER_DEFAULTS = {
     "type": ("Trainer", str, "the Trainer class (a BaseTrainer subclass under trainer/) whose step() the run uses"),
@@ -50,6 +51,7 @@ class BaseTrainer:
                  valid_data_loader=None, lr_scheduler=None, callbacks=None):
         self.model, self.criterion, self.optimizer, self.lr_scheduler = model, criterion, optimizer, lr_scheduler
         self.config, self.device, self.callbacks = config, device, callbacks or {}
+        self.hooks = {e: [getattr(cb, e) for cb in self.callbacks.values() if hasattr(cb, e)] for e in EVENTS}
         self.data_loader, self.valid_data_loader = data_loader, valid_data_loader
         self.logger = logging.getLogger("trainer")
         self.cfg = cfg = config["trainer"]
@@ -70,10 +72,9 @@ class BaseTrainer:
     def step(self, batch):  # -> (loss, output, target); see trainer/trainer.py
         raise NotImplementedError
 
-    def callback(self, event, *args):
-        """Call `event` (on_train_start, on_step_end, on_epoch_end, on_train_end) of every callback that has it."""
-        for cb in self.callbacks.values():
-            getattr(cb, event, lambda *_: None)(self, *args)
+    def callback(self, event, *args):  # self.hooks: looked up once, as on_step_end runs every step
+        for method in self.hooks[event]:
+            method(self, *args)
 
     def tensorboard(self, kind, tag, value, **kwargs):
         """writer.add_<kind>(tag, value, global step) where the run has a TensorBoard writer (rank 0, no dry run)."""
@@ -114,8 +115,7 @@ class BaseTrainer:
         except (KeyError, TypeError, ValueError, RuntimeError, IndexError, AttributeError) as e:
             raise CheckpointError(f"{path}: its optimizer, scheduler, scaler, metric, RNG or callback state does "
                                   f"not fit this run ({type(e).__name__}: {str(e)[:200]})") from None
-        for key in self.STATE:
-            setattr(self, key, checkpoint["trainer"][key])
+        vars(self).update((key, checkpoint["trainer"][key]) for key in self.STATE)
         self.resumed_at = Path(path), position_of(checkpoint)  # the file and where in training it stands
         self.rolling, self.last_saved = Path(path) if is_rolling(checkpoint, path) else None, Path(path)
         if saved_by != world and dist.is_main_process():

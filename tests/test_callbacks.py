@@ -83,7 +83,8 @@ def straight(project, tmp_path_factory):
 def test_callbacks_add_to_the_log_and_write_tensorboard(straight):
     rows = read_csv(straight.log_dir / "metrics.csv")
     assert [float(r["steps_seen"]) for r in rows] == [40.0, 80.0]  # 40 steps an epoch
-    assert all(0 <= float(r["val_ema_accuracy"]) <= 1 and r["val_ema_accuracy"] != r["val_accuracy"] for r in rows)
+    # the EMA model is validated on its own: its loss is not the trained model's
+    assert all(0 <= float(r["val_ema_accuracy"]) <= 1 and r["val_ema_loss"] != r["val_loss"] for r in rows)
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     acc = EventAccumulator(str(straight.log_dir), size_guidance={"scalars": 0, "tensors": 0})
     acc.Reload()
@@ -146,7 +147,6 @@ def test_weights_ema_for_test_export_and_predict(project, straight, tmp_path):
     predicted = subprocess.run([sys.executable, "predict.py", "-r", ck, "--weights", "ema"], cwd=project,
                                capture_output=True, text=True, env=THREADS_ENV)
     assert_ok(predicted)
-    assert f"{1 - results['ema']['accuracy']:.4f}" != "" and "Accuracy against the targets" in predicted.stdout
     accuracy = float(predicted.stdout.split("Accuracy against the targets: ")[1].split()[0])
     assert abs(accuracy - results["ema"]["accuracy"]) < 1e-4  # the same 270 test samples, the same weights
 

@@ -8,6 +8,7 @@ from collections import namedtuple
 import torch
 
 from base.base_metric import metric_object
+from base.base_trainer import EVENTS
 from parse_config import ConfigParser
 from utils.checkpoint import find_checkpoint, load_checkpoint, load_model_state, model_weights
 from utils.errors import ConfigError, DataError
@@ -24,9 +25,6 @@ def build_loss_and_metrics(config, device):
         raise ConfigError(f"loss: {type(criterion).__name__} is not callable as loss(output, target)")
     criterion = criterion.to(device) if isinstance(criterion, torch.nn.Module) else criterion
     return criterion, {name: metric_object(config.init_ftn(f"metrics.{i}")) for i, name in enumerate(config.names())}
-
-
-EVENTS = ("on_train_start", "on_step_end", "on_epoch_end", "on_train_end")
 
 
 def build_callbacks(config) -> dict:
