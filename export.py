@@ -19,7 +19,7 @@ import torch
 from base.base_data_loader import make_datasets, make_loader
 from utils import write_json
 from utils.errors import DataError, run_main
-from utils.run import LOADERS, class_names, load_run
+from utils.run import load_exported, load_run
 
 FORMATS = {"torchscript": "model.ts", "exported": "model.pt2", "onnx": "model.onnx"}
 
@@ -76,7 +76,7 @@ def main(argv=None):
             # torch.export prints its partial graph and warnings to stderr on failure: the one line below says it
             with contextlib.redirect_stderr(io.StringIO()):
                 export(fmt, model, inputs[:2], tmp)  # traced on 2 samples, checked on the whole batch
-                loaded = LOADERS[out.suffix](tmp)
+                loaded = load_exported(tmp)
             with torch.no_grad():
                 diff = (loaded(inputs).float() - expected.float()).abs().max().item()
             os.replace(tmp, out)
@@ -94,7 +94,8 @@ def main(argv=None):
     # the config is there so that predict.py on an artifact builds the same transforms
     write_json(dict(run_id=config.run_id, checkpoint=path.name, weights=args.weights, arch=run.checkpoint["arch"],
                     input={"shape": [None, *inputs.shape[1:]], "dtype": str(inputs.dtype)},
-                    eval_transform=config["data_loader"]["eval_transform"], class_names=class_names(dataset),
+                    eval_transform=config["data_loader"]["eval_transform"],
+                    class_names=run.checkpoint["data"]["class_names"],
                     tolerance=args.tolerance, formats=results, config=config.config), path.parent / "model.json")
     if failed:
         print(f"error: not exported or not verified: {', '.join(failed)}", file=sys.stderr)

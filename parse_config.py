@@ -13,7 +13,7 @@ import torch
 
 from base.base_data_loader import LOADER_DEFAULTS
 from base.base_metric import snake_case
-from base.base_trainer import TRAINER_DEFAULTS, BaseTrainer
+from base.base_trainer import EVENTS, TRAINER_DEFAULTS, BaseTrainer
 from utils.config_file import (apply_override, check_keys, check_type, get_path, is_name,  # noqa: F401
                                load_config_file, where)
 from utils.errors import REQUIRED, ConfigError, DataError
@@ -177,6 +177,9 @@ class ConfigParser:
             if twice:
                 raise ConfigError(f'{key}: two {key} are named {twice[0]!r}; give one a "name"')
         callbacks = [self.resolve(f"callbacks.{i}") for i in range(len(c["callbacks"]))]
+        for i, cls in enumerate(callbacks):  # a method named on_* that is no event (a typo) would never be called
+            if wrong := [m for m in dir(cls) if m.startswith("on_") and m not in EVENTS and callable(getattr(cls, m))]:
+                raise ConfigError(f"callbacks[{i}]: {cls.__name__}.{wrong[0]} is not one of {', '.join(EVENTS)}")
         self.monitor = mode, metric = parse_monitor(t["monitor"], self.metric_names, callbacks)
         if (metric or "").startswith("val_") and not (d["validation_split"] or d["valid_dataset"]):
             raise ConfigError(f"trainer.monitor: {metric} needs validation data (validation_split or valid_dataset)")
@@ -233,8 +236,7 @@ class ConfigParser:
             data = path.startswith("data_loader")
             if isinstance(e, RuntimeError) and not data:
                 raise
-            raise (DataError if data else ConfigError)(
-                f"{at}: {spec['type']} failed: {str(e).strip()[:300]}{_files_hint(obj, spec)}") from None
+            raise (DataError if data else ConfigError)(f"{at}: {spec['type']} failed: {str(e).strip()[:300]}") from None
 
     def init_scheduler(self, optimizer):
         """lr_scheduler on `optimizer`; for SequentialLR and ChainedScheduler, the schedulers of its args first."""
@@ -288,12 +290,3 @@ class ConfigParser:
         write_json(self.config, self.save_dir / "config.json")
         return lock
 
-
-def _files_hint(cls, spec):
-    """For torchvision's MNIST-style datasets: the files to put in place when they cannot be downloaded."""
-    resources = getattr(cls, "resources", None)
-    if not resources:
-        return ""
-    root = Path(spec["args"].get("root", ".")) / cls.__name__ / "raw"
-    files = ", ".join(Path(r[0] if isinstance(r, tuple) else r).name.removesuffix(".gz") for r in resources)
-    return f"; offline, put these files (uncompressed: gunzip the .gz files) in {root}: {files}"

@@ -15,31 +15,29 @@ import json
 import os
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from base.base_data_loader import Transformed, auto_workers, make_datasets, make_loader, make_transform
+from base.base_data_loader import auto_workers, make_datasets, make_loader, make_transform, source_of
+from data_loader.inputs import Inputs, list_inputs
 from logger import progress_bar
 from utils.errors import ConfigError, DataError, run_main
-from utils.run import LOADERS, class_names, load_artifact, load_run
+from utils.run import ARTIFACTS, load_artifact, load_run
 from utils.util import atomic_write_text, to_device
-
-IMAGES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
-TABLES = {".csv", ".npy", ".pt"}
 
 
 def load_model(path, weights):
-    """(config, device, function of a batch of inputs, step, model.json) for a checkpoint or an artifact.
+    """(config, device, function of a batch of inputs, step, what it takes) for a checkpoint or an artifact.
     step(batch) -> (loss, output, target): the run's own Trainer.step (so dict batches work), or for an
-    artifact model(inputs) on (inputs, targets) batches, with no loss."""
-    if path.suffix not in LOADERS:
+    artifact model(inputs) on (inputs, targets) batches, with no loss. What it takes: {input: {shape, dtype},
+    class_names}, as the checkpoint recorded them (or model.json)."""
+    if path.suffix not in ARTIFACTS:
         run = load_run(path, weights=weights)
-        return run.config, run.device, run.model, run.trainer.step, {}
+        return run.config, run.device, run.model, run.trainer.step, run.checkpoint["data"]
     if weights != "model":
         raise ConfigError(f"--weights {weights[:80]}: an exported model holds the weights it was exported with")
     config, device, model, info = load_artifact(path)
@@ -52,92 +50,23 @@ def load_model(path, weights):
     return config, device, model, step, info
 
 
-def first_input(dataset):
-    """{shape, dtype} of the inputs of a dataset's first sample, if samples are (inputs, target) of tensors."""
-    sample = dataset[(0, 0)] if isinstance(dataset, Transformed) and dataset.seed is not None else dataset[0]
-    x = sample[0] if isinstance(sample, (tuple, list)) else None
-    return {"shape": [None, *x.shape], "dtype": str(x.dtype)} if torch.is_tensor(x) else None
-
-
-def read_table(path, shape, dtype):
-    """The samples of a .csv (a row each; a header line is skipped), .npy or .pt file, as `dtype`."""
-    with warnings.catch_warnings():  # numpy's and torch's warnings on odd files: the skip line says it
-        warnings.simplefilter("ignore")
-        if path.suffix.lower() == ".csv":
-            text = path.read_text()
-            try:
-                data = torch.from_numpy(np.loadtxt(io.StringIO(text), delimiter=",", ndmin=2))
-            except ValueError:  # a header line
-                data = torch.from_numpy(np.loadtxt(io.StringIO(text), delimiter=",", ndmin=2, skiprows=1))
-        elif path.suffix.lower() == ".npy":
-            data = torch.from_numpy(np.load(path, allow_pickle=False))
-        else:
-            try:  # never unpickle arbitrary objects from an input file
-                data = torch.load(path, weights_only=True, map_location="cpu")
-            except Exception:  # noqa: BLE001 - any unpickling failure
-                raise ValueError("not a tensor file that torch.load(weights_only=True) reads") from None
-    if not torch.is_tensor(data):
-        raise ValueError(f"holds a {type(data).__name__}, not a tensor")
-    if shape is not None and list(data.shape) == shape or data.dim() == 0:
-        data = data[None]  # one sample
-    if not len(data):
-        raise ValueError("no samples in it")
-    data = data.to(dtype if dtype is not None else torch.float32 if data.is_floating_point() else data.dtype)
-    if shape is not None and data[0].numel() == int(np.prod(shape)):
-        data = data.reshape(len(data), *shape)  # e.g. a flattened image per row
-    return list(data)
-
-
-def list_inputs(paths, shape, dtype, skip):
-    """[(name, image path or tensor)]: image files (folders searched, in name order), rows of table files."""
-    items = []
-    for path in map(Path, paths):
-        files = sorted(f for f in path.rglob("*") if f.suffix.lower() in IMAGES | TABLES) if path.is_dir() else [path]
-        if not files:  # an empty folder
-            skip(path, "no image, .csv, .npy or .pt file in this folder")
-        for file in files:
-            if not file.exists():
-                skip(file, "not found")
-            elif file.suffix.lower() in IMAGES:
-                items.append((str(file), file))  # decoded in the loader's workers
-            elif file.suffix.lower() not in TABLES:
-                skip(file, "not an image, .csv, .npy or .pt file")
-            else:
-                try:
-                    items += [(f"{file}[{i}]", row) for i, row in enumerate(read_table(file, shape, dtype))]
-                except Exception as e:  # noqa: BLE001 - whatever a file holds, it skips this file only
-                    skip(file, f"unreadable: {' '.join(str(e).split())[:200] or type(e).__name__}")
-    return items
-
-
-class Inputs(Dataset):
-    """(name, tensor or the reason it cannot be read) per input; images are opened as training's
-    datasets open them (PIL; grayscale for a one-channel model) and given the eval transform."""
-
-    def __init__(self, items, transform, mode):
-        self.items, self.transform, self.mode = items, transform, mode
-
-    def __len__(self):
-        return len(self.items)
-
-    def __getitem__(self, i):
-        name, item = self.items[i]
-        if torch.is_tensor(item):
-            return name, item
-        from PIL import Image
-        from torchvision.transforms.v2 import functional as F
-        try:
-            with Image.open(item) as image:
-                x = self.transform(image.convert(self.mode)) if self.transform else image.convert(self.mode)
-            return name, F.to_dtype(F.to_image(x), torch.float32, scale=True) if not torch.is_tensor(x) else x
-        except Exception as e:  # noqa: BLE001 - any decoding or transform failure skips this input only
-            return name, f"unreadable: {' '.join(str(e).split())[:200] or type(e).__name__}"
+def model_input(info, source):
+    """(the shape of one input, its dtype) that `info` (a checkpoint's data record, or model.json) describes,
+    (None, None) where it describes none, and its class names; DataError naming `source` if it is malformed."""
+    x, classes = info.get("input"), info.get("class_names")
+    shape, dtype = (x.get("shape"), str(x.get("dtype"))) if isinstance(x, dict) else (None, None)
+    dtype = getattr(torch, dtype.removeprefix("torch."), None) if dtype else None
+    if x is not None and not (isinstance(shape, list) and shape and all(type(n) is int and n > 0 for n in shape[1:])
+                              and isinstance(dtype, torch.dtype)):
+        raise DataError(f"{source}: input must be {{shape: [null, sizes...], dtype: a torch dtype}}, or null")
+    if classes is not None and not (isinstance(classes, list) and all(isinstance(c, str) for c in classes)):
+        raise DataError(f"{source}: class_names must be a list of strings, or null")
+    return (shape[1:], dtype) if x is not None else (None, None), classes
 
 
 def predict_files(config, run, device, paths, expected, batch_size, skip):
-    """[(name, output, None)] for the inputs found under `paths`."""
-    shape = expected["shape"][1:] if expected else None
-    dtype = getattr(torch, expected["dtype"].removeprefix("torch.")) if expected else None
+    """[(name, output, None)] for the inputs found under `paths`; `expected`: model_input()'s (shape, dtype)."""
+    shape, dtype = expected
     cfg = config["data_loader"]
     transform, _ = make_transform(config, "eval_transform")  # an image is all of its sample here
     mode = "L" if shape is not None and len(shape) == 3 and shape[0] == 1 else "RGB"  # gray: a 1-channel model
@@ -161,7 +90,7 @@ def predict_files(config, run, device, paths, expected, batch_size, skip):
         try:
             outputs = run(torch.stack([x for _, x in good]).to(device))
         except (RuntimeError, ValueError) as e:  # only possible where the expected input is unknown
-            if expected is not None:
+            if expected[0] is not None:
                 raise
             raise DataError(f"the model rejects inputs of shape {shape} (that of {good[0][0]}): "
                             f"{' '.join(str(e).split())[:200]}") from None
@@ -171,10 +100,7 @@ def predict_files(config, run, device, paths, expected, batch_size, skip):
 def predict_test_split(config, step, device, dataset):
     """[(name, output, target)] for the samples of the test split, through `step`. A sample is named by its
     file where the dataset lists them (ImageFolder's samples), else test[i]."""
-    indices, source = range(len(dataset)), dataset
-    while not hasattr(source, "samples") and hasattr(source, "dataset"):  # through Transformed, Subset
-        indices = [source.indices[i] for i in indices] if hasattr(source, "indices") else indices
-        source = source.dataset
+    indices, source = source_of(dataset)
     names = iter([str(source.samples[i][0]) if hasattr(source, "samples") else f"test[{i}]" for i in indices])
     for batch in progress_bar(make_loader(config, dataset, device=device), desc="predict"):
         _, output, target = step(to_device(batch, device))
@@ -218,28 +144,21 @@ def main(argv=None):
 
     start, skipped = time.perf_counter(), []
     config, device, run, step, info = load_model(args.resume, args.weights)
-    expected, classes = info.get("input"), info.get("class_names")  # an artifact's, from model.json
-    try:  # the test split, or a checkpoint's input shape and class names (info is {} for a checkpoint)
-        sets = make_datasets(config) if not (info and args.inputs) else None
-    except (DataError, ConfigError):
-        if not args.inputs:
-            raise
-        sets = None  # a checkpoint on inputs without its data here (e.g. in production): the first input's shape
-    if sets is not None and not info:
-        dataset = next(sets[k] for k in ("test", "valid", "train") if sets[k] is not None)
-        expected, classes = first_input(dataset), class_names(dataset)
+    artifact = args.resume.suffix in ARTIFACTS
+    expected, classes = model_input(info, args.resume.with_name("model.json") if artifact else args.resume)
     out = args.output or (args.resume if args.resume.is_dir() else args.resume.parent) / "predictions.csv"
 
     def skip(name, reason):
         skipped.append(name)
         tqdm.write(f"skipped {name}: {reason}", file=sys.stderr)
+    test = make_datasets(config)["test"] if not args.inputs else None
     if args.inputs:
         results = predict_files(config, run, device, args.inputs, expected, args.batch_size, skip)
-    elif sets["test"] is None:
+    elif test is None:
         raise ConfigError("data_loader: no test data (set data_loader.test_split or data_loader.test_dataset); "
                           "or name inputs to predict")
     else:
-        results = predict_test_split(config, step, device, sets["test"])
+        results = predict_test_split(config, step, device, test)
     with torch.no_grad():
         rows = list(to_rows(results, classes, args.top_k))
     if not rows:

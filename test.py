@@ -7,25 +7,12 @@ import json
 import logging
 import os
 
-from base.base_data_loader import make_datasets, make_loader
+from base.base_data_loader import fingerprint, make_datasets, make_loader
 from logger import setup_logging
 from utils import write_json
+from utils.checkpoint import check_data
 from utils.errors import ConfigError, run_main
 from utils.run import load_run
-
-
-def _changed_split(config, saved):
-    """The first key that decides which samples the test split cut from `dataset` holds, and that differs
-    from the checkpoint's config; None when the test data is a dataset of its own."""
-    def split(c):
-        d = c.get("data_loader", {})
-        return {"seed": c.get("seed"), "data_loader.dataset.type": (d.get("dataset") or {}).get("type"),
-                **{f"data_loader.{k}": d.get(k) for k in ("validation_split", "test_split")},
-                "data_loader.valid_dataset": d.get("valid_dataset") is None}
-    if config["data_loader"]["test_dataset"] is not None:
-        return None
-    new, old = split(config), split(saved)
-    return next((key for key in new if new[key] != old[key]), None)
 
 
 def main(argv=None):
@@ -43,13 +30,12 @@ def main(argv=None):
     run = load_run(args.resume, args.overrides, args.weights, logger=logging.getLogger("test"))
     config = run.config
     setup_logging(None, config["trainer"]["verbosity"])
-    changed = _changed_split(config.config, run.checkpoint["config"])
-    if changed:
-        raise ConfigError(f"{changed}: changing it would put training samples into the test split; evaluate on "
-                          "other data with data_loader.test_dataset")
     test_set = make_datasets(config)["test"]
     if test_set is None:
         raise ConfigError("data_loader: no test data (set data_loader.test_split or data_loader.test_dataset)")
+    if config["data_loader"]["test_dataset"] == run.checkpoint["config"]["data_loader"]["test_dataset"]:
+        check_data(run.checkpoint, run.path, {"test": fingerprint(test_set)}, ["test"], "it may hold training "
+                   "samples now; evaluate on other data with data_loader.test_dataset")
     results = run.trainer.evaluate(make_loader(config, test_set, device=run.device), desc="test")
     results["n_samples"] = len(test_set)
     out = run.path.parent / "test_metrics.json"

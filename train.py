@@ -9,7 +9,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 import utils.dist as dist
-from base.base_data_loader import make_datasets, make_loader
+from base.base_data_loader import describe, make_datasets, make_loader
 from logger import setup_logging
 from parse_config import ConfigParser, load_config_file
 from utils import prepare_device, seed_everything
@@ -156,7 +156,7 @@ def run(args, config, checkpoint, checkpoint_path, device, verbosity):
     optimizer = config.init_obj("optimizer", [p for p in model.parameters() if p.requires_grad])
     lr_scheduler = config.init_scheduler(optimizer) if config["lr_scheduler"] else None
     trainer = config.resolve("trainer")(model, criterion, metrics, optimizer, config, device, data_loader,
-                                        valid_data_loader, lr_scheduler, build_callbacks(config))
+                                        valid_data_loader, lr_scheduler, build_callbacks(config), describe(datasets))
     if config.resume:
         trainer.load_state_dict(checkpoint, checkpoint_path)
     if args.dry_run:

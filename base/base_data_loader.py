@@ -1,7 +1,9 @@
 """The template's data path: the datasets a config names, split, transformed and batched in an order that
 is a pure function of (seed, epoch), so resuming needs only the epoch and the number of batches taken."""
 import atexit
+import hashlib
 import itertools
+import json
 import math
 import os
 import signal
@@ -98,14 +100,48 @@ def make_datasets(config) -> dict:
     fractions = [0.0 if sets["valid"] is not None else cfg["validation_split"],
                  0.0 if sets["test"] is not None else cfg["test_split"]]
     for phase, idx in zip(("valid", "test", "train"), split_indices(len(data), fractions, config["seed"])):
-        if sets[phase] is None:  # in-memory tensors stay a TensorDataset, keeping the tensor-indexing fast path
-            sets[phase] = TensorDataset(*(t[idx] for t in data.tensors)) if isinstance(data, TensorDataset) \
-                else Subset(data, idx.tolist())
+        if sets[phase] is None and isinstance(data, TensorDataset):  # stays one: the tensor-indexing fast path
+            sets[phase] = TensorDataset(*(t[idx] for t in data.tensors))
+            sets[phase].indices = idx.tolist()  # which samples of `dataset` it holds, as a Subset's
+        elif sets[phase] is None:
+            sets[phase] = Subset(data, idx.tolist())
     for phase, key in (("train", "train_transform"), ("valid", "eval_transform"), ("test", "eval_transform")):
         transform, input_only = make_transform(config, key)
         if transform is not None:  # each transform gets the whole sample; torchvision's pass labels through
             sets[phase] = Transformed(sets[phase], transform, config["seed"] if phase == "train" else None, input_only)
     return {phase: ds if len(ds) else None for phase, ds in sets.items()}
+
+
+def describe(sets) -> dict:
+    """What a checkpoint records of its data (checkpoint["data"]): each split's fingerprint(), and the inputs'
+    shape and dtype and the class names of the first split there is, so predict.py and export.py need no data."""
+    first = next(sets[k] for k in ("valid", "test", "train") if sets[k] is not None)
+    sample = first[(0, 0)] if isinstance(first, Transformed) and first.seed is not None else first[0]
+    x, classes = sample[0] if isinstance(sample, (tuple, list)) else None, getattr(source_of(first)[1], "classes", None)
+    return {"splits": {phase: fingerprint(ds) for phase, ds in sets.items()},
+            "input": {"shape": [None, *x.shape], "dtype": str(x.dtype)} if torch.is_tensor(x) else None,
+            "class_names": list(map(str, classes)) if classes is not None else None}  # torchvision's have them
+
+
+def source_of(dataset):
+    """(indices into it, the dataset a split was cut from), through Transformed, Subset and split tensors."""
+    index, source = list(range(len(dataset))), dataset
+    while isinstance(source, Transformed) or hasattr(source, "indices"):  # a Subset, or a split of tensors
+        index = [int(source.indices[i]) for i in index] if hasattr(source, "indices") else index
+        source = getattr(source, "dataset", None)  # None: a split of tensors, a copy of its part
+    return index, source
+
+
+def fingerprint(dataset):
+    """'<n> samples, <digest>': which samples a split holds, by the indices it took of its dataset and, where
+    that dataset lists its files (ImageFolder's samples), their paths under its root and their labels."""
+    if dataset is None:
+        return None
+    index, source = source_of(dataset)
+    samples, root = getattr(source, "samples", None), str(getattr(source, "root", ""))
+    if isinstance(samples, list):  # (path, label) pairs
+        index = [f"{str(samples[i][0]).removeprefix(root)}:{samples[i][1]}" for i in index]
+    return f"{len(dataset)} samples, {hashlib.sha256(json.dumps(index).encode()).hexdigest()[:16]}"
 
 
 def make_transform(config, key):
@@ -145,8 +181,6 @@ class EpochBatchSampler:
     each step is a collective); evaluation leaves it off and counts every sample once."""
 
     def __init__(self, n, batch_size, shuffle, seed=0, rank=0, world_size=1, even_shards=True):
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
         self.n, self.batch_size, self.shuffle, self.seed = n, batch_size, shuffle, seed
         self.rank, self.world_size = rank, world_size
         self.padded_n = -(-n // world_size) * world_size if even_shards else n

@@ -48,9 +48,9 @@ class BaseTrainer:
     STATE = ("epoch", "global_step", "batches_done", "monitor_best", "best_epoch", "not_improved_count")
 
     def __init__(self, model, criterion, metrics, optimizer, config, device, data_loader=None,
-                 valid_data_loader=None, lr_scheduler=None, callbacks=None):
+                 valid_data_loader=None, lr_scheduler=None, callbacks=None, data=None):
         self.model, self.criterion, self.optimizer, self.lr_scheduler = model, criterion, optimizer, lr_scheduler
-        self.config, self.device, self.callbacks = config, device, callbacks or {}
+        self.config, self.device, self.callbacks, self.data = config, device, callbacks or {}, data
         self.hooks = {e: [getattr(cb, e) for cb in self.callbacks.values() if hasattr(cb, e)] for e in EVENTS}
         self.data_loader, self.valid_data_loader = data_loader, valid_data_loader
         self.logger = logging.getLogger("trainer")
@@ -93,12 +93,13 @@ class BaseTrainer:
             "metrics": dist.gather_objects(self.metrics.state_dict()) if self.batches_done else None,  # mid-epoch sums
             "rng": dist.gather_objects(get_rng_state()),  # one per process
             "callbacks": {name: cb.state_dict() for name, cb in self.callbacks.items() if hasattr(cb, "state_dict")},
+            "data": self.data,  # base_data_loader.describe(): what resume and test.py check the data against
         }
 
     def load_state_dict(self, checkpoint: dict, path) -> None:
         """Restore everything state_dict() saved, from a checkpoint loaded by utils.checkpoint."""
         saved_by, world = len(checkpoint["rng"]), dist.world_size()
-        check_resumable(checkpoint, path, self.lr_scheduler is not None, world)
+        check_resumable(checkpoint, path, self.lr_scheduler is not None, world, self.data)
         load_model_state(unwrap_model(self.model), checkpoint["model"], path, checkpoint["arch"])
         try:  # the structure was checked on loading; what does not fit this run's objects fails here
             self.optimizer.load_state_dict(checkpoint["optimizer"])

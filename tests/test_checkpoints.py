@@ -11,8 +11,9 @@ from utils.checkpoint import find_checkpoint
 
 FAST = "trainer.tensorboard=false"
 STATE = ("model", "optimizer", "lr_scheduler", "scaler", "trainer", "metrics", "rng")  # everything a resume restores
-KEYS = {"arch", "run_id", "config", "epoch", "model", "optimizer", "lr_scheduler", "scaler", "trainer", "metrics", "rng",
-        "callbacks"}
+KEYS = {"data", "arch", "run_id", "config", "epoch", "model",
+         "optimizer", "lr_scheduler", "scaler", "trainer", "metrics", "rng",
+         "callbacks"}
 
 
 def dirs(path):

@@ -312,8 +312,8 @@ def test_a_malformed_checkpoint_is_one_line_and_changes_nothing(four_epochs, tmp
     path = run.model_dir / "checkpoint-epoch2.pth"
     torch.save(malformed(run.checkpoint(path.name), kind), path)
     before = digest(run.save_dir)
-    # test.py needs no optimizer: a checkpoint whose optimizer does not fit the model still evaluates
-    for script in ("train", "test") if kind != "optimizer_groups" else ("train",):
+    # test.py needs no optimizer or RNG state: a checkpoint whose optimizer or RNG state is unfit still evaluates
+    for script in ("train", "test") if kind not in ("optimizer_groups", "bad_rng") else ("train",):
         user_error(script, ["-r", path], capsys, str(path))
     assert digest(run.save_dir) == before
 
@@ -337,7 +337,7 @@ def test_test_py_refuses_overrides_that_move_training_samples_into_the_test_spli
     run = copy_of(four_epochs, tmp_path / "saved")
     evaluate_main("-r", run.model_dir / "model_best.pth")
     before = (run.model_dir / "test_metrics.json").read_bytes()
-    user_error("test", ["-r", run.model_dir / "model_best.pth", override], capsys, override.split("=")[0])
+    user_error("test", ["-r", run.model_dir / "model_best.pth", override], capsys, "the test split is not the data of")
     assert (run.model_dir / "test_metrics.json").read_bytes() == before
 
 

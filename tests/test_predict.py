@@ -70,9 +70,10 @@ def test_the_test_split_is_predicted_as_test_py_scores_it(model, tmp_path):
     path, eager = model
     call_main(predict.main, ["-r", path, "-o", tmp_path / "p.csv"])
     rows = read_csv(tmp_path / "p.csv")
-    x, y = make_datasets(parse_config())["test"].tensors
-    assert len(rows) == len(y) == 270
-    check_rows(rows, eager, {f"test[{i}]": x[i] for i in range(len(x))})
+    test = make_datasets(parse_config())["test"]
+    (x, y), indices = test.tensors, test.indices  # rows named by the sample's index in data_loader.dataset
+    assert len(rows) == len(y) == 270 and indices != list(range(270))
+    check_rows(rows, eager, {f"test[{i}]": x[n] for n, i in enumerate(indices)})
     assert [r["target"] for r in rows] == [str(int(t)) for t in y]
 
 

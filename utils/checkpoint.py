@@ -10,11 +10,11 @@ from pathlib import Path
 import torch
 
 from utils.config_file import check_size, check_type, is_name
-from utils.errors import CheckpointError, ConfigError
+from utils.errors import CheckpointError, ConfigError, DataError
 from utils.util import atomic_link, atomic_write_bytes, claim_dir
 
 CHECKPOINT_KEYS = {"arch", "epoch", "run_id", "model", "optimizer", "lr_scheduler", "trainer", "scaler", "metrics",
-                   "rng", "config", "callbacks"}
+                   "rng", "config", "callbacks", "data"}
 TRAINER_KEYS = {"epoch", "global_step", "batches_done", "monitor_best", "best_epoch", "not_improved_count"}
 _NAME = re.compile(r"checkpoint-epoch(\d+)(?:-step(\d+))?\.pth$")
 
@@ -109,7 +109,6 @@ def _structure_fault(c) -> str:
     epochs = saved["epochs"] if isinstance(saved, dict) and count(saved.get("epochs")) else 2**62
     checks = [
         ("run_id is not a run name", lambda: is_name(c["run_id"])),
-        ("arch is not a name", lambda: isinstance(c["arch"], str)),
         (f"trainer must hold exactly {sorted(TRAINER_KEYS)}", lambda: isinstance(t, dict) and set(t) == TRAINER_KEYS),
         ("trainer counters must be integers >= 0", lambda: all(count(t[k]) for k in TRAINER_KEYS - {"monitor_best"})),
         ("trainer.monitor_best is not a number", lambda: type(t["monitor_best"]) in (int, float)),
@@ -117,14 +116,10 @@ def _structure_fault(c) -> str:
         ("trainer.epoch is past the run's trainer.epochs", lambda: t["epoch"] <= epochs),
         ("model is not a state_dict of tensors", lambda: _mapping(c["model"])),
         ("callbacks is not a {name: state} mapping", lambda: _mapping(c["callbacks"], lambda v: isinstance(v, dict))),
-        ("optimizer is not an optimizer state_dict", lambda: isinstance(c["optimizer"], dict) and isinstance(
-            c["optimizer"].get("state"), dict) and isinstance(c["optimizer"].get("param_groups"), list)),
-        ("lr_scheduler is not a state_dict or null", lambda: isinstance(c["lr_scheduler"], (dict, type(None)))),
-        ("scaler is not a state_dict", lambda: isinstance(c["scaler"], dict)),
-        ("rng is not a list of per-process RNG states", lambda: isinstance(runs, list) and runs and all(
-            isinstance(r, dict) and set(r) == {"python", "numpy", "torch", "cuda"} and torch.is_tensor(r["torch"])
-            and all(isinstance(r[k], (tuple, list)) and len(r[k]) == n for k, n in (("python", 3), ("numpy", 5)))
-            and isinstance(r["cuda"], list) for r in runs)),
+        ("data is not a record of the run's data", lambda: isinstance(c["data"], dict) and set(c["data"]) == {
+            "splits", "input", "class_names"} and _mapping(c["data"]["splits"], lambda v: v is None or str(v) == v)),
+        # the optimizer's, scheduler's, scaler's and RNG states are checked by loading them (load_state_dict)
+        ("rng is not a list of per-process RNG states", lambda: isinstance(runs, list) and len(runs) > 0),
         ("metrics must be null at an epoch's end, else one {name: sums} per process", lambda: c["metrics"] is None
          if not t["batches_done"] else isinstance(c["metrics"], list) and len(c["metrics"]) == len(runs)
          and all(_mapping(m, lambda v: v is None or torch.is_tensor(v)) for m in c["metrics"])),
@@ -137,8 +132,21 @@ def _mapping(value, fits=torch.is_tensor) -> bool:
     return isinstance(value, dict) and all(isinstance(k, str) and fits(v) for k, v in value.items())
 
 
-def check_resumable(checkpoint, path, has_scheduler: bool, world_size: int) -> None:
-    """CheckpointError / ConfigError unless this run (its scheduler, its number of processes) can resume it."""
+def check_data(checkpoint, path, splits: dict, phases, hint) -> None:
+    """DataError unless each split of `phases` holds the samples it held when `checkpoint` was saved."""
+    for phase in phases:
+        saved = checkpoint["data"]["splits"].get(phase)
+        if splits[phase] != saved:
+            raise DataError(f"data_loader: the {phase} split is not the data of {path} (then: {saved}; now: "
+                            f"{splits[phase]}): files added, removed or renamed, or the split changed; {hint}")
+
+
+def check_resumable(checkpoint, path, has_scheduler: bool, world_size: int, data=None) -> None:
+    """CheckpointError / ConfigError / DataError unless this run (its scheduler, its number of processes, its data:
+    describe()'s record) can resume it."""
+    if data is not None:
+        check_data(checkpoint, path, data["splits"], ("train", "valid"), "to train on new data, start a new run "
+                   "from the checkpoint: -c CONFIG -r CHECKPOINT")
     if (checkpoint["lr_scheduler"] is None) == has_scheduler:
         raise ConfigError(f"{path}: lr_scheduler differs from the one the checkpoint was trained with")
     if checkpoint["trainer"]["batches_done"] and len(checkpoint["rng"]) != world_size:

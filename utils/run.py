@@ -8,7 +8,6 @@ from collections import namedtuple
 import torch
 
 from base.base_metric import metric_object
-from base.base_trainer import EVENTS
 from parse_config import ConfigParser
 from utils.checkpoint import find_checkpoint, load_checkpoint, load_model_state, model_weights
 from utils.errors import ConfigError, DataError
@@ -28,13 +27,8 @@ def build_loss_and_metrics(config, device):
 
 
 def build_callbacks(config) -> dict:
-    """{name: callback}; a method named on_* that is no event (a typo would never be called) is refused."""
-    callbacks = {name: config.init_obj(f"callbacks.{i}") for i, name in enumerate(config.names("callbacks"))}
-    for i, cb in enumerate(callbacks.values()):
-        wrong = [m for m in dir(cb) if m.startswith("on_") and m not in EVENTS and callable(getattr(cb, m))]
-        if wrong:
-            raise ConfigError(f"callbacks[{i}]: {type(cb).__name__}.{wrong[0]} is not one of {', '.join(EVENTS)}")
-    return callbacks
+    """{name: callback} of the config's callbacks (ConfigParser checked their methods' names)."""
+    return {name: config.init_obj(f"callbacks.{i}") for i, name in enumerate(config.names("callbacks"))}
 
 
 def load_run(resume, overrides=(), weights="model", device=None, logger=None) -> Run:
@@ -52,31 +46,20 @@ def load_run(resume, overrides=(), weights="model", device=None, logger=None) ->
     return Run(config, path, checkpoint, model, trainer, device)
 
 
-def class_names(dataset):
-    """The dataset's `classes` (torchvision datasets have them), looking through Subset and transform wrappers."""
-    while dataset is not None and not hasattr(dataset, "classes"):
-        dataset = getattr(dataset, "dataset", None)
-    return list(map(str, dataset.classes)) if dataset is not None else None
-
-
-# Loading an exported model back: a function of an input batch (export.py verifies with it, predict.py runs it).
-def load_torchscript(path, device="cpu"):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated upstream, still widely loaded
-        return torch.jit.load(str(path), map_location=device)
+ARTIFACTS = (".ts", ".pt2", ".onnx")  # what export.py writes: TorchScript, torch.export, ONNX
 
 
 def load_exported(path, device="cpu"):
-    return torch.export.load(str(path)).module().to(device)
-
-
-def load_onnx(path, device="cpu"):
+    """An exported model loaded back, as a function of an input batch (export.py verifies it, predict.py runs it)."""
+    if path.suffix == ".ts":
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated upstream, still widely loaded
+            return torch.jit.load(str(path), map_location=device)
+    if path.suffix == ".pt2":
+        return torch.export.load(str(path)).module().to(device)
     import onnxruntime  # the CPU build the README's set-up installs: outputs come back on the CPU
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     return lambda x: torch.from_numpy(session.run(None, {"input": x.cpu().numpy()})[0])
-
-
-LOADERS = {".ts": load_torchscript, ".pt2": load_exported, ".onnx": load_onnx}
 
 
 def load_artifact(path, logger=None):
@@ -89,4 +72,4 @@ def load_artifact(path, logger=None):
         raise DataError(f"{info_file}: missing or without a config; run export.py on the checkpoint again") from None
     config = ConfigParser(raw, [], Registry(), run_id=info.get("run_id"), resume=True)
     device = prepare_device(config["n_gpu"], logger)
-    return config, device, LOADERS[path.suffix](path, device), info
+    return config, device, load_exported(path, device), info
