@@ -50,6 +50,18 @@ def load_model(path, weights):
     return config, device, model, step, info
 
 
+def check_output(out, sources):
+    """ConfigError unless `out` can take predictions: a new file in an existing folder, or a predictions CSV
+    (its header starts with `input,`) that is not one of `sources` (the model, the inputs)."""
+    if not out.parent.is_dir() or out.exists() and not out.is_file():
+        raise ConfigError(f"-o {out}: not a file in an existing folder")
+    if out.exists():
+        with open(out, "rb") as f:
+            ours = f.read(6) == b"input,"
+        if not ours or any(Path(s).exists() and out.samefile(s) for s in sources):
+            raise ConfigError(f"-o {out}: exists and is not an earlier predictions CSV; left as it was (name a new file)")
+
+
 def model_input(info, source):
     """(the shape of one input, its dtype) that `info` (a checkpoint's data record, or model.json) describes,
     (None, None) where it describes none, and its class names; DataError naming `source` if it is malformed."""
@@ -82,6 +94,8 @@ def predict_files(config, run, device, paths, expected, batch_size, skip):
                 skip(name, x)
             elif shape is not None and list(x.shape) != shape:
                 skip(name, f"shape {list(x.shape)}, the model takes {shape}")
+            elif x.is_floating_point() and not torch.isfinite(x).all():
+                skip(name, "holds NaN or infinite values")
             else:
                 shape = shape or list(x.shape)  # without the training data: the first input's
                 good.append((name, x))
@@ -147,6 +161,7 @@ def main(argv=None):
     artifact = args.resume.suffix in ARTIFACTS
     expected, classes = model_input(info, args.resume.with_name("model.json") if artifact else args.resume)
     out = args.output or (args.resume if args.resume.is_dir() else args.resume.parent) / "predictions.csv"
+    check_output(out, [args.resume, *args.inputs])
 
     def skip(name, reason):
         skipped.append(name)

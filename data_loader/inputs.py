@@ -11,18 +11,29 @@ from torch.utils.data import Dataset
 
 IMAGES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 TABLES = {".csv", ".npy", ".pt"}
+MAX_TABLE_BYTES = 2**30  # a table is read whole: larger ones are skipped (split them)
+MAX_PIXELS = 100_000_000  # checked from an image's header, before it is decoded (PIL's own limit is 179M)
+
+
+def is_number(field: str) -> bool:
+    try:
+        float(field)
+        return True
+    except ValueError:
+        return False
 
 
 def read_table(path, shape, dtype):
-    """The samples of a .csv (a row each; a header line is skipped), .npy or .pt file, as `dtype`."""
+    """The samples of a .csv (a row each; a first line with a name that is not a number is a header, skipped),
+    .npy or .pt file, as `dtype`."""
+    if path.stat().st_size > MAX_TABLE_BYTES:
+        raise ValueError(f"larger than {MAX_TABLE_BYTES} bytes; split it into smaller files")
     with warnings.catch_warnings():  # numpy's and torch's warnings on odd files: the skip line says it
         warnings.simplefilter("ignore")
         if path.suffix.lower() == ".csv":
             text = path.read_text()
-            try:
-                data = torch.from_numpy(np.loadtxt(io.StringIO(text), delimiter=",", ndmin=2))
-            except ValueError:  # a header line
-                data = torch.from_numpy(np.loadtxt(io.StringIO(text), delimiter=",", ndmin=2, skiprows=1))
+            header = not all(map(is_number, filter(None, text.partition("\n")[0].split(","))))
+            data = torch.from_numpy(np.loadtxt(io.StringIO(text), delimiter=",", ndmin=2, skiprows=int(header)))
         elif path.suffix.lower() == ".npy":
             data = torch.from_numpy(np.load(path, allow_pickle=False))
         else:
@@ -32,6 +43,8 @@ def read_table(path, shape, dtype):
                 raise ValueError("not a tensor file that torch.load(weights_only=True) reads") from None
     if not torch.is_tensor(data):
         raise ValueError(f"holds a {type(data).__name__}, not a tensor")
+    if data.is_meta or data.untyped_storage().nbytes() < data.numel() * data.element_size():
+        raise ValueError("its storage holds fewer values than its shape claims")  # e.g. stride 0, 10**6 rows
     if shape is not None and list(data.shape) == shape or data.dim() == 0:
         data = data[None]  # one sample
     if not len(data):
@@ -52,6 +65,8 @@ def list_inputs(paths, shape, dtype, skip):
         for file in files:
             if not file.exists():
                 skip(file, "not found")
+            elif not file.is_file():  # a FIFO would block, a device (/dev/zero) never end
+                skip(file, "not a regular file")
             elif file.suffix.lower() in IMAGES:
                 items.append((str(file), file))  # decoded in the loader's workers
             elif file.suffix.lower() not in TABLES:
@@ -81,7 +96,9 @@ class Inputs(Dataset):
         from PIL import Image
         from torchvision.transforms.v2 import functional as F
         try:
-            with Image.open(item) as image:
+            with Image.open(item) as image:  # reads the header only
+                if image.width * image.height > MAX_PIXELS:
+                    return name, f"{image.width}x{image.height} pixels, more than {MAX_PIXELS} (MAX_PIXELS)"
                 x = self.transform(image.convert(self.mode)) if self.transform else image.convert(self.mode)
             return name, F.to_dtype(F.to_image(x), torch.float32, scale=True) if not torch.is_tensor(x) else x
         except Exception as e:  # noqa: BLE001 - any decoding or transform failure skips this input only

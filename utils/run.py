@@ -1,9 +1,13 @@
 """What the programs build alike: the loss, metrics and callbacks a config names, and a trained run loaded back
 (test.py, export.py, predict.py): its config, its model with the chosen weights, the Trainer class it trained
 with; or an exported model (model.ts, model.pt2, model.onnx from export.py) with its model.json."""
+import functools
 import json
+import pickle
 import warnings
+import zipfile
 from collections import namedtuple
+from pathlib import Path
 
 import torch
 
@@ -49,14 +53,27 @@ def load_run(resume, overrides=(), weights="model", device=None, logger=None) ->
 ARTIFACTS = (".ts", ".pt2", ".onnx")  # what export.py writes: TorchScript, torch.export, ONNX
 
 
+def _weights_only_load(load, *args, **kwargs):
+    return load(*args, **{**kwargs, "weights_only": True})
+
+
 def load_exported(path, device="cpu"):
     """An exported model loaded back, as a function of an input batch (export.py verifies it, predict.py runs it)."""
     if path.suffix == ".ts":
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated upstream, still widely loaded
             return torch.jit.load(str(path), map_location=device)
-    if path.suffix == ".pt2":
-        return torch.export.load(str(path)).module().to(device)
+    if path.suffix == ".pt2":  # torch.export.load unpickles with weights_only=False: every pickle must pass True
+        from torch.export.pt2_archive.constants import CUSTOM_OBJ_FILENAME_PREFIX, OPAQUE_OBJ_FILENAME_PREFIX
+        with zipfile.ZipFile(path) as archive:  # objects that only plain pickle (or TorchScript) loads: refused
+            if any(Path(n).name.startswith((CUSTOM_OBJ_FILENAME_PREFIX, OPAQUE_OBJ_FILENAME_PREFIX))
+                   for n in archive.namelist()):
+                raise pickle.UnpicklingError("it holds custom objects, which only plain pickle loads")
+        load, torch.load = torch.load, functools.partial(_weights_only_load, torch.load)
+        try:
+            return torch.export.load(str(path)).module().to(device)
+        finally:
+            torch.load = load
     import onnxruntime  # the CPU build the README's set-up installs: outputs come back on the CPU
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     return lambda x: torch.from_numpy(session.run(None, {"input": x.cpu().numpy()})[0])
@@ -72,4 +89,8 @@ def load_artifact(path, logger=None):
         raise DataError(f"{info_file}: missing or without a config; run export.py on the checkpoint again") from None
     config = ConfigParser(raw, [], Registry(), run_id=info.get("run_id"), resume=True)
     device = prepare_device(config["n_gpu"], logger)
-    return config, device, load_exported(path, device), info
+    try:
+        return config, device, load_exported(path, device), info
+    except Exception as e:  # noqa: BLE001 - a refused pickle, a garbage or truncated file: the file is at fault
+        what = "refused: it could run code" if isinstance(e, pickle.UnpicklingError) else "not loadable"
+        raise DataError(f"{path}: {what} ({' '.join(str(e).split())[:200]}); export it again") from None
