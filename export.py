@@ -11,6 +11,7 @@ import contextlib
 import inspect
 import io
 import os
+import re
 import sys
 import warnings
 
@@ -19,7 +20,7 @@ import torch
 from base.base_data_loader import make_datasets, make_loader
 from utils import write_json
 from utils.errors import DataError, run_main
-from utils.run import load_exported, load_run
+from utils.run import file_sha256, load_exported, load_run
 
 FORMATS = {"torchscript": "model.ts", "exported": "model.pt2", "onnx": "model.onnx"}
 
@@ -46,7 +47,8 @@ def reason_of(error) -> str:
     cause = error
     while cause is not None and not isinstance(cause, Warning):
         cause = cause.__cause__ or cause.__context__
-    return " ".join(str(cause or error).split())[:300] or type(error).__name__
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(cause or error))  # the ONNX exporter colours its messages
+    return " ".join(text.split())[:300] or type(error).__name__
 
 
 def main(argv=None):
@@ -68,7 +70,7 @@ def main(argv=None):
     inputs = batch[0]
     with torch.no_grad():
         expected = model(inputs)
-    results, failed = {}, []
+    results, failed, ready = {}, [], {}  # ready: {temp file: its final name}
     for fmt in args.format:
         out = path.parent / FORMATS[fmt]
         tmp = out.with_name(f".{out.stem}.tmp{out.suffix}")  # renamed into place once complete: never a partial file
@@ -79,18 +81,27 @@ def main(argv=None):
                 loaded = load_exported(tmp)
             with torch.no_grad():
                 diff = (loaded(inputs).float() - expected.float()).abs().max().item()
-            os.replace(tmp, out)
         except Exception as e:  # noqa: BLE001 - any exporter failure is reported per format
             print(f"{fmt}: cannot export {type(model).__name__}: {reason_of(e)}")
             failed.append(fmt)
-            for stale in (tmp, out):  # an earlier export's file would not match model.json
-                stale.unlink(missing_ok=True)
+            tmp.unlink(missing_ok=True)
             continue
         ok = diff <= args.tolerance
         print(f"{fmt}: wrote {out}; max |exported - eager| on {len(inputs)} samples = {diff:.3g} "
               f"({'within' if ok else 'ABOVE'} the tolerance {args.tolerance:g})")
-        results[fmt] = {"file": out.name, "max_abs_diff": diff, "verified": ok}
+        results[fmt] = {"file": out.name, "sha256": file_sha256(tmp), "max_abs_diff": diff, "verified": ok}
+        ready[tmp] = out
         failed += [] if ok else [fmt]
+    # One set from one checkpoint: model.json goes first (predict.py refuses what no model.json vouches for, so a
+    # kill from here on leaves files it refuses, never a mixed set it runs), then every format's earlier file
+    # (another checkpoint's), then the new files move into place and model.json names them with their checksums.
+    (path.parent / "model.json").unlink(missing_ok=True)
+    for stale in [path.parent / name for name in FORMATS.values() if path.parent / name not in ready.values()]:
+        if stale.exists():
+            stale.unlink()
+            print(f"removed {stale} (an earlier export's)")
+    for tmp, out in ready.items():
+        os.replace(tmp, out)
     # the config is there so that predict.py on an artifact builds the same transforms
     write_json(dict(run_id=config.run_id, checkpoint=path.name, weights=args.weights, arch=run.checkpoint["arch"],
                     input={"shape": [None, *inputs.shape[1:]], "dtype": str(inputs.dtype)},

@@ -157,11 +157,11 @@ def main(argv=None):
         raise ConfigError("--top-k and --batch-size: must be at least 1")
 
     start, skipped = time.perf_counter(), []
+    out = args.output or (args.resume if args.resume.is_dir() else args.resume.parent) / "predictions.csv"
+    check_output(out, [args.resume, *args.inputs])
     config, device, run, step, info = load_model(args.resume, args.weights)
     artifact = args.resume.suffix in ARTIFACTS
     expected, classes = model_input(info, args.resume.with_name("model.json") if artifact else args.resume)
-    out = args.output or (args.resume if args.resume.is_dir() else args.resume.parent) / "predictions.csv"
-    check_output(out, [args.resume, *args.inputs])
 
     def skip(name, reason):
         skipped.append(name)

@@ -121,8 +121,8 @@ def test_what_cannot_be_predicted_is_one_line(model, inputs, tmp_path, capsys):
     lone = tmp_path / "model.onnx"
     shutil.copy(path, lone)  # model.json is read first: the bytes do not matter here
     code, err = main_error(predict.main, ["-r", lone, folder / "rows.csv"], capsys)
-    assert code == 2 and err.strip() == f"error: {tmp_path / 'model.json'}: missing or without a config; run " \
-                                        "export.py on the checkpoint again"
+    assert code == 2 and err.strip() == f"error: {tmp_path / 'model.json'}: missing, or not one export.py wrote; " \
+                                        "run export.py on the checkpoint again"
     code, err = main_error(predict.main, ["-r", path, folder / "notes.txt", "-o", tmp_path / "p.csv"], capsys)
     assert code == 2 and err.strip().splitlines()[-1] == "error: no input could be predicted (1 skipped)"
     assert not (tmp_path / "p.csv").exists()

@@ -2,6 +2,7 @@
 (test.py, export.py, predict.py): its config, its model with the chosen weights, the Trainer class it trained
 with; or an exported model (model.ts, model.pt2, model.onnx from export.py) with its model.json."""
 import functools
+import hashlib
 import json
 import pickle
 import warnings
@@ -79,15 +80,32 @@ def load_exported(path, device="cpu"):
     return lambda x: torch.from_numpy(session.run(None, {"input": x.cpu().numpy()})[0])
 
 
+def file_sha256(path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
 def load_artifact(path, logger=None):
-    """(config, device, function of an input batch, model.json's content) of an exported model."""
+    """(config, device, function of an input batch, model.json's content) of an exported model that the
+    model.json beside it vouches for: listed with its checksum, and verified against the eager model."""
     info_file = path.with_name("model.json")
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
     try:
         info = json.loads(info_file.read_text())
-        raw = info["config"]
-    except (OSError, ValueError, KeyError, TypeError):
-        raise DataError(f"{info_file}: missing or without a config; run export.py on the checkpoint again") from None
-    config = ConfigParser(raw, [], Registry(), run_id=info.get("run_id"), resume=True)
+        entry = next((e for e in info["formats"].values() if e["file"] == path.name), {})
+        if not (isinstance(info["config"], dict) and isinstance(info.get("run_id"), (str, type(None)))):
+            raise TypeError
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        raise DataError(f"{info_file}: missing, or not one export.py wrote; run export.py on the checkpoint again") \
+            from None
+    if entry.get("sha256") != file_sha256(path):
+        raise DataError(f"{path}: not the file {info_file.name} vouches for (another export's, or changed since: "
+                        "its checksum differs); run export.py on the checkpoint again")
+    if entry.get("verified") is not True:
+        raise DataError(f"{path}: failed export.py's check (max |exported - eager| {entry.get('max_abs_diff')} > "
+                        f"{info.get('tolerance')}); export with a larger --tolerance, or predict with the checkpoint")
+    config = ConfigParser(info["config"], [], Registry(), run_id=info.get("run_id"), resume=True)
     device = prepare_device(config["n_gpu"], logger)
     try:
         return config, device, load_exported(path, device), info
