@@ -182,6 +182,8 @@ def run(args, config, checkpoint, checkpoint_path, device, verbosity):
     except OSError as e:  # e.g. a full disk while writing a checkpoint or a log
         error = TrainingError(f"{e.filename or 'run output'}: {e.strerror or e}; the checkpoints saved before are "
                               "intact")
+        if e.errno is None:  # not the file system's: e.g. PIL's unreadable image (from a worker: with its traceback)
+            error = TrainingError(f"data: {str(e).strip().splitlines()[-1]}; the checkpoints saved before are intact")
         logger.error("error: %s", error)
         raise error from None
     except (TrainingError, UserError) as e:  # e.g. a non-finite loss, or a DataError found while iterating

@@ -86,3 +86,16 @@ def test_a_tensor_dataset_split_is_told_by_its_indices():
     assert sets["test"].indices != other["test"].indices
     assert fingerprint(sets["test"]) != fingerprint(other["test"])
     assert fingerprint(sets["test"]).startswith(f"{len(sets['test'])} samples, ")
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_corrupt_image_is_one_line_naming_it(tmp_path, workers):
+    from conftest import run_train
+    root = make_image_folder(tmp_path / "images", counts=(("all", 10),)) / "all"
+    (root / "class0" / "4.png").write_bytes(b"not a png")
+    result = run_train(*split_config(root, tmp_path / "saved"), f"data_loader.num_workers={workers}",
+                       "data_loader.validation_split=0.0", "data_loader.test_split=0.0", "trainer.monitor=off")
+    err = result.stderr.strip().splitlines()
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert err[-1].startswith("error: data: ") and "cannot identify image file" in err[-1], err
+    assert str(root / "class0" / "4.png") in err[-1] and "Original Traceback" not in err[-1], err
