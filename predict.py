@@ -103,7 +103,8 @@ def predict_files(config, run, device, paths, expected, batch_size, skip):
             continue
         try:
             outputs = run(torch.stack([x for _, x in good]).to(device))
-        except (RuntimeError, ValueError) as e:  # only possible where the expected input is unknown
+        except (RuntimeError, ValueError, TypeError, KeyError, IndexError) as e:  # where the input is unknown
+            # (e.g. a model trained on dict batches, given a table)
             if expected[0] is not None:
                 raise
             raise DataError(f"the model rejects inputs of shape {shape} (that of {good[0][0]}): "

@@ -77,7 +77,12 @@ def load_exported(path, device="cpu"):
             torch.load = load
     import onnxruntime  # the CPU build the README's set-up installs: outputs come back on the CPU
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    return lambda x: torch.from_numpy(session.run(None, {"input": x.cpu().numpy()})[0])
+    inputs = session.get_inputs()
+    dtype = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(double)": "float64",
+             "tensor(int64)": "int64"}.get(inputs[0].type) if len(inputs) == 1 else None
+    if dtype is None or inputs[0].name != "input":
+        raise ValueError(f"its inputs are {[(i.name, i.type) for i in inputs]}, not one tensor named 'input'")
+    return lambda x: torch.from_numpy(session.run(None, {"input": x.cpu().numpy().astype(dtype)})[0])
 
 
 def file_sha256(path) -> str:
