@@ -1,0 +1,281 @@
+"""Many runs of one config, searched with Optuna: python sweep.py -c config.json -s configs/space.yaml [--trials N]
+or a grid from the command line: python sweep.py -c config.json optimizer.args.lr=0.1,0.01 seed=1,2,3
+
+Each trial is a run of train.py (under torchrun with --nproc) in <save_dir>/sweeps/<name>/models/<name>/trial-<N>;
+the study is in <save_dir>/sweeps/<name>/study.db (or --storage), the table of trials in trials.csv beside it."""
+import argparse
+import csv
+import ctypes
+import fcntl
+import io
+import json
+import os
+import shlex
+import signal
+import statistics
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import optuna
+import torch
+from optuna.trial import TrialState
+
+from parse_config import load_config_file
+from sweeps.report import open_storage, trial_id
+from sweeps.space import Space, from_shortcut, load_space
+from utils.config_file import is_name
+from utils.errors import ConfigError, TrainingError, run_main
+from utils.registry import Registry
+from utils.util import atomic_write_text
+
+ROOT = Path(__file__).resolve().parent
+STALE = 60  # seconds after which a trial whose start was cut short (no sweep directory recorded) is taken over
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Run many trainings of one config: a search on Optuna.")
+    p.add_argument("-c", "--config", required=True, help="the config every trial starts from")
+    p.add_argument("-s", "--space", help="SPACE file (.json, .yaml): parameters, sampler, trials, objective, pruner")
+    p.add_argument("--trials", type=int, help="number of trials (default: SPACE's trials; a grid: all its points)")
+    p.add_argument("--workers", type=int, default=1, help="trials run at once by this command (default 1)")
+    p.add_argument("--storage", help="an Optuna RDB URL shared by several commands (default: SQLite in the sweep)")
+    p.add_argument("--name", help="the sweep's name (default: the SPACE file's name, else 'grid')")
+    p.add_argument("--repeat", type=int, default=1, help="run each parameter set with seeds seed, seed+1, ...")
+    p.add_argument("--nproc", type=int, default=0, help="run each trial under torchrun with this many processes")
+    p.add_argument("grid", nargs="*", metavar="KEY.PATH=V1,V2", help="a grid over these values (instead of -s)")
+    args = p.parse_intermixed_args(argv)
+    if bool(args.space) == bool(args.grid):
+        p.error("give a SPACE file with -s, or KEY.PATH=V1,V2,... for a grid")
+    if min(args.workers, args.repeat, args.trials or 1) < 1 or args.nproc < 0:
+        p.error("--workers, --repeat and --trials must be at least 1, --nproc at least 0")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    space = load_space(args.space) if args.space else from_shortcut(args.grid)
+    space = Space(space, load_config_file(args.config), Registry())
+    if args.repeat > 1 and "seed" in space.distributions:
+        raise ConfigError("seed: --repeat sets the seeds (seed, seed+1, ...); leave seed out of the space")
+    trials = args.trials or space.space.get("trials") or space.size
+    if not isinstance(trials, int) or trials < 1:
+        raise ConfigError("trials: give the number of trials (--trials N, or \"trials\" in SPACE)")
+    name = args.name or (Path(args.space).stem if args.space else "grid")
+    if not is_name(name):
+        raise ConfigError(f"--name: {name[:80]!r} must be a name of 1-200 characters without path separators")
+    return Sweep(args, space, name, min(trials, space.size or trials)).run()
+
+
+def overrides(params) -> list:
+    return [f"{key}={json.dumps(value)}" for key, value in params.items()]
+
+
+def stop_with_parent(parent):
+    """Linux: the trial gets SIGTERM (it saves its position and stops) when the sweep dies, even by SIGKILL."""
+    def preexec():
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        if os.getppid() != parent:  # the sweep died before that
+            os.kill(os.getpid(), signal.SIGTERM)
+    return preexec if sys.platform.startswith("linux") else None
+
+
+class Job:
+    """A trial run here: its runs (one per seed), one after another; `lock`, held by the trial's processes too."""
+
+    def __init__(self, trial, lock, params, runs, gpus):
+        self.trial, self.lock, self.params, self.runs, self.gpus = trial, lock, params, runs, gpus
+        self.codes, self.proc = [], None
+
+
+class Sweep:
+    def __init__(self, args, space, name, n_trials):
+        self.args, self.space, self.name, self.n, self.running, self.stopping = args, space, name, n_trials, [], None
+        self.dir = Path(space.base["trainer"]["save_dir"]) / "sweeps" / name
+        self.url = args.storage or f"sqlite:///{self.dir / 'study.db'}"
+        (self.dir / "locks").mkdir(parents=True, exist_ok=True)
+        if not (self.dir / "id").exists():  # the id of this sweep directory, recorded in the trials it runs
+            atomic_write_text(uuid.uuid4().hex, self.dir / "id")
+        self.id = (self.dir / "id").read_text()
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        self.storage = open_storage(self.url)
+        self.study = optuna.create_study(storage=self.storage, study_name=name, sampler=space.sampler,
+                                         direction="maximize" if space.mode == "max" else "minimize",
+                                         load_if_exists=True)
+        definition = json.dumps([space.space["parameters"], space.space.get("sampler"), space.objective,
+                                 space.pruner, args.repeat])
+        if self.study.user_attrs.setdefault("definition", definition) != definition:
+            raise ConfigError(f"--name {name}: this sweep was started with another space, objective or --repeat")
+        self.study.set_user_attr("definition", definition)
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES", ",".join(map(str, range(torch.cuda.device_count()))))
+        self.gpus, self.per_trial = visible.split(",") if torch.cuda.is_available() else [], max(args.nproc, 1)
+        self.workers = min(args.workers, len(self.gpus) // self.per_trial) if self.gpus else args.workers
+        self.threads = max(1, len(os.sched_getaffinity(0)) // (self.workers * self.per_trial))
+
+    def run(self):
+        previous = {s: signal.signal(s, self._signal) for s in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            while True:
+                self._reap()
+                while not self.stopping and len(self.running) < self.workers and self._next_trial():
+                    pass
+                if not self.running and (self.stopping or self._done()):
+                    break
+                time.sleep(0.2)
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+            self._write_table()
+        if self.stopping:
+            print(f"Stopped by {signal.Signals(self.stopping).name}: the same command continues", file=sys.stderr)
+            sys.exit(128 + self.stopping)
+        return self._summary()
+
+    def _signal(self, signum, frame):
+        if self.stopping is None and signum == signal.SIGTERM:  # SIGINT (Ctrl-C) reaches the trials itself
+            for job in self.running:
+                job.proc.send_signal(signal.SIGTERM)
+        self.stopping = self.stopping or signum
+
+    def _counted(self):  # every trial of the study but those dropped as one too many
+        return [t for t in self.study.get_trials(deepcopy=False) if not t.user_attrs.get("void")]
+
+    def _ours(self, t):  # a running trial this directory resumes, once no process holds its lock
+        if t.state != TrialState.RUNNING:
+            return False
+        return t.user_attrs.get("dir", self.id if time.time() - t.datetime_start.timestamp() > STALE else 0) == self.id
+
+    def _done(self):
+        trials = self._counted()
+        return len(trials) >= self.n and not any(map(self._ours, trials))
+
+    def _lock(self, number):
+        """An open file locking trial `number` (its processes inherit it), or None if another process has it."""
+        lock = open(self.dir / "locks" / str(number), "a")
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return lock
+        except BlockingIOError:
+            lock.close()
+
+    def _next_trial(self) -> bool:
+        """Start a trial: one a stopped sweep left running here, else a new one; False if none is due."""
+        trials = self._counted()
+        for t in filter(self._ours, trials):
+            lock = self._lock(t.number)
+            if lock is not None:
+                return self._start(optuna.trial.Trial(self.study, trial_id(self.storage, self.name, t.number)), lock)
+        if len(trials) >= self.n:
+            return False
+        trial = self.study.ask()
+        lock = self._lock(trial.number)
+        trial.set_user_attr("dir", self.id)
+        if sum(t.number < trial.number for t in self._counted()) >= self.n:  # another command asked at once
+            trial.set_user_attr("void", True)
+            self.study.tell(trial, state=TrialState.FAIL)
+            return lock.close()
+        return self._start(trial, lock)
+
+    def _start(self, trial, lock):
+        seed, params = self.space.base["seed"], self.space.suggest(trial)
+        runs = [f"trial-{trial.number}" + f"-seed{seed + k}" * (self.args.repeat > 1) for k in range(self.args.repeat)]
+        trial.set_user_attr("runs", runs)
+        gpus = self.gpus[:self.per_trial] if self.gpus else []
+        del self.gpus[:len(gpus)]
+        self.running.append(Job(trial, lock, params, runs, gpus))
+        self._launch(self.running[-1])
+        return True
+
+    def _launch(self, job):
+        """Start the job's next run: `train.py -c CONFIG --run-id RUN --auto-resume` with the trial's values."""
+        k = len(job.codes)
+        torchrun = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={self.args.nproc}"]
+        cmd = [sys.executable, *torchrun * bool(self.args.nproc), str(ROOT / "train.py"), "-c", self.args.config,
+               "--run-id", job.runs[k], "--auto-resume", f"trainer.save_dir={self.dir}"]
+        if self.space.pruner != "none" and k == 0:  # the first seed's run reports each epoch to the study
+            report = {"storage": self.url, "study": self.name, "trial": job.trial.number,
+                      "objective": self.space.objective, "pruner": self.space.pruner}
+            report = {"type": "sweeps.report.ReportToStudy", "args": report}
+            cmd.append("callbacks=" + json.dumps([*self.space.base["callbacks"], report]))
+        cmd += overrides(job.params) + [f"seed={self.space.base['seed'] + k}"] * (self.args.repeat > 1)
+        env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(self.threads))}
+        env.update({"CUDA_VISIBLE_DEVICES": ",".join(job.gpus)} if job.gpus else {})
+        (self.dir / "output").mkdir(exist_ok=True)
+        with open(self.dir / "output" / f"{job.runs[k]}.log", "a") as log:
+            job.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                        pass_fds=(job.lock.fileno(),), preexec_fn=stop_with_parent(os.getpid()))
+        if self.stopping == signal.SIGTERM:
+            job.proc.send_signal(signal.SIGTERM)
+
+    def _reap(self):
+        for job in [j for j in self.running if j.proc.poll() is not None]:
+            job.codes.append(job.proc.returncode)
+            finished = job.codes[-1] != 0 or len(job.codes) == len(job.runs)
+            if not finished and not self.stopping:
+                self._launch(job)
+                continue
+            self.running.remove(job)
+            if not self.stopping or job.codes[-1] == 0 and finished:
+                self._finish(job)  # else it stays running in the study: the same command resumes it
+            job.lock.close()
+            self.gpus += job.gpus
+            self._write_table()
+
+    def _finish(self, job):
+        trial = job.trial
+        try:
+            if job.codes[-1] == 0:
+                values = [self._objective(run, job.params) for run in job.runs]
+                trial.set_user_attr("spread", statistics.stdev(values) if len(values) > 1 else 0.0)
+                return self.study.tell(trial, statistics.mean(values))
+            pruned = self.storage.get_trial(trial_id(self.storage, self.name, trial.number)).user_attrs
+            if "pruned_at" in pruned:
+                trial.set_user_attr("error", f"pruned at epoch {pruned['pruned_at']}")
+                return self.study.tell(trial, state=TrialState.PRUNED)
+            lines = (self.dir / "output" / f"{job.runs[len(job.codes) - 1]}.log").read_text().splitlines()
+            errors = [line[7:] for line in lines if line.startswith("error: ")] or [s for s in lines if s.strip()]
+            raise TrainingError(f"{(errors or [''])[-1][:300]} (exit status {job.codes[-1]})")
+        except (TrainingError, OSError, ValueError) as e:
+            trial.set_user_attr("error", str(e))
+            self.study.tell(trial, state=TrialState.FAIL)
+
+    def _objective(self, run, params):
+        """The best value of the objective over the run's epochs, in its metrics.csv."""
+        path = self.dir / "log" / params.get("name", self.space.base["name"]) / run / "metrics.csv"
+        with open(path, newline="") as f:
+            values = [float(row[self.space.metric]) for row in csv.DictReader(f) if row.get(self.space.metric)]
+        return (max if self.space.mode == "max" else min)(values)  # none: a ValueError
+
+    def _write_table(self):
+        """trials.csv in the sweep directory: every trial of the study, as it stands now."""
+        keys = list(self.space.distributions)
+        rows = [["number", "state", "objective", "spread", *keys, "runs", "error"]]
+        for t in self._counted():
+            runs = [str(self.dir / "models" / t.params.get("name", self.space.base["name"]) / run)
+                    for run in t.user_attrs.get("runs", [])]
+            value = t.value if t.state == TrialState.COMPLETE else ""
+            rows.append([t.number, t.state.name, value, t.user_attrs.get("spread", ""),
+                         *(t.params.get(k, "") for k in keys), " ".join(runs), t.user_attrs.get("error", "")])
+        text = io.StringIO()
+        csv.writer(text, lineterminator="\n").writerows(rows)
+        atomic_write_text(text.getvalue(), self.dir / "trials.csv")
+
+    def _summary(self):
+        try:
+            best = self.study.best_trial
+        except ValueError:
+            raise TrainingError(f"no trial completed; see {self.dir / 'trials.csv'}") from None
+        repeat = self.args.repeat
+        spread = f" (mean of {repeat} seeds, spread {best.user_attrs['spread']:.3g})" if repeat > 1 else ""
+        print(f"Best trial {best.number}: {self.space.metric} {best.value:.6g}{spread}; runs in "
+              f"{self.dir / 'models'}: {', '.join(best.user_attrs['runs'])}")
+        command = ["python", "train.py", "-c", self.args.config, *overrides(best.params)]
+        print("Reproduce it: " + shlex.join(command + ["seed=SEED"] * (repeat > 1)))
+        print(f"All trials: {self.dir / 'trials.csv'}")
+        return 0
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,112 @@
+"""A sweep's search space, from a SPACE file or the grid shortcut (KEY=V1,V2,...), checked against the config
+before any trial runs: each key exists, each range is non-empty, each value is one the config accepts."""
+import copy
+import json
+import math
+
+import optuna
+from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+from parse_config import ConfigParser, load_config_file, parse_monitor
+from sweeps.report import PRUNERS, build
+from utils.errors import ConfigError
+
+
+class Grid(optuna.samplers.GridSampler):
+    def after_trial(self, *args):  # Optuna's would stop study.optimize() (unused): the sweep counts its trials
+        pass
+
+
+SAMPLERS = {"grid": Grid, "random": lambda grid, **args: optuna.samplers.RandomSampler(**args),
+            "tpe": lambda grid, **args: optuna.samplers.TPESampler(**args)}
+SPACE_KEYS = ("parameters", "sampler", "trials", "objective", "pruner")
+
+
+def from_shortcut(items) -> dict:
+    """The SPACE of KEY=V1,V2,... arguments (each value read as JSON, else as a string): a grid."""
+    parameters = {}
+    for key, equals, values in (item.partition("=") for item in items):
+        if not (key and equals):
+            raise ConfigError(f"{key[:80]!r}: expected KEY.PATH=V1,V2,...")
+        parameters[key] = [_json_or_text(v) for v in values.split(",")]
+    return {"parameters": parameters, "sampler": "grid"}
+
+
+def _json_or_text(text):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def load_space(path) -> dict:
+    space = load_config_file(path)  # JSON or YAML, size-bounded; errors name the file
+    unknown = [k for k in space if k not in SPACE_KEYS]
+    if unknown or not isinstance(space.get("parameters"), dict) or not space["parameters"]:
+        raise ConfigError(f"{path}: {unknown[0] if unknown else 'parameters'}: a SPACE has {', '.join(SPACE_KEYS)}; "
+                          "parameters maps config key paths to their values")
+    return space
+
+
+class Space:
+    """The checked space: Optuna distributions by key path, sampler, pruner, objective (mode, metric), grid size."""
+
+    def __init__(self, space, raw_config, registry):
+        self.space, self.raw, self.registry = space, raw_config, registry
+        self.base = self._parse([])
+        self.distributions = {key: self._distribution(key, value) for key, value in space["parameters"].items()}
+        grid = {key: list(getattr(d, "choices", [])) for key, d in self.distributions.items()}
+        self.sampler = build(space.get("sampler", "tpe"), SAMPLERS, "sampler", grid)
+        self.size = math.prod(map(len, grid.values())) if isinstance(self.sampler, Grid) else None
+        if self.size == 0:
+            raise ConfigError(f"{next(k for k, v in grid.items() if not v)}: the grid sampler takes lists of values")
+        self.pruner = space.get("pruner", "none")
+        build(self.pruner, PRUNERS, "pruner")  # checked now, built in each trial
+        self.objective = space.get("objective") or self.base["trainer"]["monitor"]
+        callbacks = [self.base.resolve(f"callbacks.{i}") for i in range(len(self.base["callbacks"]))]
+        try:
+            self.mode, self.metric = parse_monitor(self.objective, self.base.metric_names, callbacks)
+        except ConfigError as e:
+            raise ConfigError(str(e).replace("trainer.monitor", "objective", 1)) from None
+        if self.mode == "off":
+            raise ConfigError("objective: trainer.monitor is off; name one in SPACE, e.g. \"max val_accuracy\"")
+
+    def _parse(self, overrides):
+        return ConfigParser(copy.deepcopy(self.raw), overrides, self.registry)
+
+    def _check(self, key, value):  # the config takes `value` at `key`; the error names the key
+        try:
+            self._parse([f"{key}={json.dumps(value)}"])
+        except ConfigError as e:
+            raise ConfigError(str(e) if key.lstrip("+") in str(e) else f"{key}: {e}") from None
+
+    def _distribution(self, key, value):
+        """A list of values (a choice), or a range {low, high[, log, step]}: ints if low, high and step are."""
+        if isinstance(value, list) and all(v is None or isinstance(v, (bool, int, float, str)) for v in value):
+            if not value:
+                raise ConfigError(f"{key}: an empty list of values")
+            for choice in value:
+                self._check(key, choice)
+            return CategoricalDistribution(value)
+        if not isinstance(value, dict) or not {"low", "high"} <= set(value) <= {"low", "high", "log", "step"}:
+            raise ConfigError(f"{key}: must be a list of numbers, strings, booleans or null, or {{low, high[, log, "
+                              "step]}")
+        integer = all(isinstance(value.get(k, 1), int) for k in ("low", "high", "step"))
+        try:
+            distribution = (IntDistribution if integer else FloatDistribution)(**value)
+        except (ValueError, TypeError) as e:  # e.g. low > high: an empty range
+            raise ConfigError(f"{key}: {str(e)[:200]}") from None
+        self._check(key, value["low"])
+        self._check(key, value["high"])
+        return distribution
+
+    def suggest(self, trial) -> dict:
+        """{key: value} of `trial`: what it holds already (a trial resumed), else sampled now."""
+        params = {}
+        for key, d in self.distributions.items():
+            if isinstance(d, CategoricalDistribution):
+                params[key] = trial.suggest_categorical(key, d.choices)
+            else:
+                suggest = trial.suggest_int if isinstance(d, IntDistribution) else trial.suggest_float
+                params[key] = suggest(key, d.low, d.high, step=d.step, log=d.log)
+        return params
