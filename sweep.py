@@ -6,7 +6,6 @@ the study is in <save_dir>/sweeps/<name>/study.db (or --storage), the table of t
 import argparse
 import csv
 import ctypes
-import fcntl
 import io
 import json
 import os
@@ -16,22 +15,23 @@ import statistics
 import subprocess
 import sys
 import time
-import uuid
 from pathlib import Path
+from types import SimpleNamespace
 
 import optuna
 import torch
 from optuna.trial import TrialState
 
 from parse_config import load_config_file
-from sweeps.report import open_storage, trial_id
+from sweeps.report import PRUNED, open_storage, trial_id
 from sweeps.space import Space, from_shortcut, load_space
 from utils.config_file import is_name
 from utils.errors import ConfigError, TrainingError, run_main
 from utils.registry import Registry
-from utils.util import atomic_write_text
+from utils.util import atomic_write_text, lock_dir
 
-ROOT = Path(__file__).resolve().parent
+TRAIN = str(Path(__file__).resolve().parent / "train.py")  # each trial is a run of it
+REPORT = "sweeps.report.ReportToStudy"  # the callback reporting to the study (allowed_modules.txt lists the module)
 STALE = 60  # seconds after which a trial whose start was cut short (no sweep directory recorded) is taken over
 
 
@@ -77,35 +77,23 @@ def stop_with_parent(parent):
     """Linux: the trial gets SIGTERM (it saves its position and stops) when the sweep dies, even by SIGKILL."""
     def preexec():
         ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-        if os.getppid() != parent:  # the sweep died before that
-            os.kill(os.getpid(), signal.SIGTERM)
     return preexec if sys.platform.startswith("linux") else None
-
-
-class Job:
-    """A trial run here: its runs (one per seed), one after another; `lock`, held by the trial's processes too."""
-
-    def __init__(self, trial, lock, params, runs, gpus):
-        self.trial, self.lock, self.params, self.runs, self.gpus = trial, lock, params, runs, gpus
-        self.codes, self.proc = [], None
 
 
 class Sweep:
     def __init__(self, args, space, name, n_trials):
         self.args, self.space, self.name, self.n, self.running, self.stopping = args, space, name, n_trials, [], None
         self.dir = Path(space.base["trainer"]["save_dir"]) / "sweeps" / name
+        self.runs, self.logs = self.dir / "models" / space.base["name"], self.dir / "log" / space.base["name"]
         self.url = args.storage or f"sqlite:///{self.dir / 'study.db'}"
-        (self.dir / "locks").mkdir(parents=True, exist_ok=True)
-        if not (self.dir / "id").exists():  # the id of this sweep directory, recorded in the trials it runs
-            atomic_write_text(uuid.uuid4().hex, self.dir / "id")
-        self.id = (self.dir / "id").read_text()
+        (self.dir / "output").mkdir(parents=True, exist_ok=True)
+        if not (self.dir / "id").exists():  # this sweep directory's id, recorded in each trial it runs
+            atomic_write_text(os.urandom(16).hex(), self.dir / "id")
+        self.id, self.storage = (self.dir / "id").read_text(), open_storage(self.url)
         optuna.logging.set_verbosity(optuna.logging.WARNING)
-        self.storage = open_storage(self.url)
         self.study = optuna.create_study(storage=self.storage, study_name=name, sampler=space.sampler,
-                                         direction="maximize" if space.mode == "max" else "minimize",
-                                         load_if_exists=True)
-        definition = json.dumps([space.space["parameters"], space.space.get("sampler"), space.objective,
-                                 space.pruner, args.repeat])
+                                         direction=f"{space.mode}imize", load_if_exists=True)  # max: maximize
+        definition = json.dumps([space.space["parameters"], space.space.get("sampler"), space.objective, args.repeat])
         if self.study.user_attrs.setdefault("definition", definition) != definition:
             raise ConfigError(f"--name {name}: this sweep was started with another space, objective or --repeat")
         self.study.set_user_attr("definition", definition)
@@ -115,19 +103,14 @@ class Sweep:
         self.threads = max(1, len(os.sched_getaffinity(0)) // (self.workers * self.per_trial))
 
     def run(self):
-        previous = {s: signal.signal(s, self._signal) for s in (signal.SIGTERM, signal.SIGINT)}
-        try:
-            while True:
-                self._reap()
-                while not self.stopping and len(self.running) < self.workers and self._next_trial():
-                    pass
-                if not self.running and (self.stopping or self._done()):
-                    break
-                time.sleep(0.2)
-        finally:
-            for s, handler in previous.items():
-                signal.signal(s, handler)
-            self._write_table()
+        for s in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(s, self._signal)
+        while self.running or not (self.stopping or self._done()):
+            self._reap()
+            while not self.stopping and len(self.running) < self.workers and self._next_trial():
+                self._write_table()
+            time.sleep(0.2)
+        self._write_table()
         if self.stopping:
             print(f"Stopped by {signal.Signals(self.stopping).name}: the same command continues", file=sys.stderr)
             sys.exit(128 + self.stopping)
@@ -153,12 +136,8 @@ class Sweep:
 
     def _lock(self, number):
         """An open file locking trial `number` (its processes inherit it), or None if another process has it."""
-        lock = open(self.dir / "locks" / str(number), "a")
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return lock
-        except BlockingIOError:
-            lock.close()
+        (self.dir / "locks" / str(number)).mkdir(parents=True, exist_ok=True)
+        return lock_dir(self.dir / "locks" / str(number))[0]
 
     def _next_trial(self) -> bool:
         """Start a trial: one a stopped sweep left running here, else a new one; False if none is due."""
@@ -179,12 +158,13 @@ class Sweep:
         return self._start(trial, lock)
 
     def _start(self, trial, lock):
-        seed, params = self.space.base["seed"], self.space.suggest(trial)
+        """Run `trial` here; a job is its runs (one per seed, one after another), the lock its processes hold too."""
+        seed, gpus = self.space.base["seed"], self.gpus[:self.per_trial * bool(self.gpus)]
         runs = [f"trial-{trial.number}" + f"-seed{seed + k}" * (self.args.repeat > 1) for k in range(self.args.repeat)]
-        trial.set_user_attr("runs", runs)
-        gpus = self.gpus[:self.per_trial] if self.gpus else []
+        trial.set_user_attr("runs", [str(self.runs / run) for run in runs])
         del self.gpus[:len(gpus)]
-        self.running.append(Job(trial, lock, params, runs, gpus))
+        self.running.append(SimpleNamespace(trial=trial, lock=lock, params=self.space.suggest(trial), runs=runs,
+                                            gpus=gpus, codes=[]))
         self._launch(self.running[-1])
         return True
 
@@ -192,17 +172,14 @@ class Sweep:
         """Start the job's next run: `train.py -c CONFIG --run-id RUN --auto-resume` with the trial's values."""
         k = len(job.codes)
         torchrun = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={self.args.nproc}"]
-        cmd = [sys.executable, *torchrun * bool(self.args.nproc), str(ROOT / "train.py"), "-c", self.args.config,
-               "--run-id", job.runs[k], "--auto-resume", f"trainer.save_dir={self.dir}"]
+        cmd = [sys.executable, *torchrun * bool(self.args.nproc), TRAIN, "-c", self.args.config, "--auto-resume",
+               "--run-id", job.runs[k], f"trainer.save_dir={self.dir}"]
         if self.space.pruner != "none" and k == 0:  # the first seed's run reports each epoch to the study
-            report = {"storage": self.url, "study": self.name, "trial": job.trial.number,
-                      "objective": self.space.objective, "pruner": self.space.pruner}
-            report = {"type": "sweeps.report.ReportToStudy", "args": report}
-            cmd.append("callbacks=" + json.dumps([*self.space.base["callbacks"], report]))
+            report = dict(storage=self.url, study=self.name, trial=job.trial.number, objective=self.space.objective,
+                          pruner=self.space.pruner)
+            cmd.append("callbacks=" + json.dumps([*self.space.base["callbacks"], {"type": REPORT, "args": report}]))
         cmd += overrides(job.params) + [f"seed={self.space.base['seed'] + k}"] * (self.args.repeat > 1)
-        env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(self.threads))}
-        env.update({"CUDA_VISIBLE_DEVICES": ",".join(job.gpus)} if job.gpus else {})
-        (self.dir / "output").mkdir(exist_ok=True)
+        env = {"OMP_NUM_THREADS": str(self.threads), **os.environ, **{"CUDA_VISIBLE_DEVICES": ",".join(job.gpus)}}
         with open(self.dir / "output" / f"{job.runs[k]}.log", "a") as log:
             job.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
                                         pass_fds=(job.lock.fileno(),), preexec_fn=stop_with_parent(os.getpid()))
@@ -224,27 +201,24 @@ class Sweep:
             self._write_table()
 
     def _finish(self, job):
-        trial = job.trial
+        """Tell the study how the trial ended: the mean objective of its runs, or pruned, or failed with its error."""
+        trial, code = job.trial, job.codes[-1]
         try:
-            if job.codes[-1] == 0:
-                values = [self._objective(run, job.params) for run in job.runs]
+            values = [self._objective(run) for run in job.runs] if code == 0 else None
+            if values:
                 trial.set_user_attr("spread", statistics.stdev(values) if len(values) > 1 else 0.0)
                 return self.study.tell(trial, statistics.mean(values))
-            pruned = self.storage.get_trial(trial_id(self.storage, self.name, trial.number)).user_attrs
-            if "pruned_at" in pruned:
-                trial.set_user_attr("error", f"pruned at epoch {pruned['pruned_at']}")
-                return self.study.tell(trial, state=TrialState.PRUNED)
             lines = (self.dir / "output" / f"{job.runs[len(job.codes) - 1]}.log").read_text().splitlines()
             errors = [line[7:] for line in lines if line.startswith("error: ")] or [s for s in lines if s.strip()]
-            raise TrainingError(f"{(errors or [''])[-1][:300]} (exit status {job.codes[-1]})")
-        except (TrainingError, OSError, ValueError) as e:
-            trial.set_user_attr("error", str(e))
-            self.study.tell(trial, state=TrialState.FAIL)
+            error = f"{(errors or [''])[-1][:300]} (exit status {code})"
+        except (OSError, ValueError) as e:  # no metrics.csv, or no objective in it
+            error = f"the objective {self.space.metric}: {e}"
+        trial.set_user_attr("error", error)
+        self.study.tell(trial, state=TrialState.PRUNED if error.startswith(PRUNED) else TrialState.FAIL)
 
-    def _objective(self, run, params):
+    def _objective(self, run):
         """The best value of the objective over the run's epochs, in its metrics.csv."""
-        path = self.dir / "log" / params.get("name", self.space.base["name"]) / run / "metrics.csv"
-        with open(path, newline="") as f:
+        with open(self.logs / run / "metrics.csv", newline="") as f:
             values = [float(row[self.space.metric]) for row in csv.DictReader(f) if row.get(self.space.metric)]
         return (max if self.space.mode == "max" else min)(values)  # none: a ValueError
 
@@ -253,11 +227,9 @@ class Sweep:
         keys = list(self.space.distributions)
         rows = [["number", "state", "objective", "spread", *keys, "runs", "error"]]
         for t in self._counted():
-            runs = [str(self.dir / "models" / t.params.get("name", self.space.base["name"]) / run)
-                    for run in t.user_attrs.get("runs", [])]
-            value = t.value if t.state == TrialState.COMPLETE else ""
-            rows.append([t.number, t.state.name, value, t.user_attrs.get("spread", ""),
-                         *(t.params.get(k, "") for k in keys), " ".join(runs), t.user_attrs.get("error", "")])
+            value, attrs = t.value if t.state == TrialState.COMPLETE else "", t.user_attrs
+            rows.append([t.number, t.state.name, value, attrs.get("spread", ""), *(t.params.get(k, "") for k in keys),
+                         " ".join(attrs.get("runs", [])), attrs.get("error", "")])
         text = io.StringIO()
         csv.writer(text, lineterminator="\n").writerows(rows)
         atomic_write_text(text.getvalue(), self.dir / "trials.csv")
@@ -267,14 +239,12 @@ class Sweep:
             best = self.study.best_trial
         except ValueError:
             raise TrainingError(f"no trial completed; see {self.dir / 'trials.csv'}") from None
-        repeat = self.args.repeat
+        repeat, runs = self.args.repeat, " ".join(best.user_attrs["runs"])
         spread = f" (mean of {repeat} seeds, spread {best.user_attrs['spread']:.3g})" if repeat > 1 else ""
-        print(f"Best trial {best.number}: {self.space.metric} {best.value:.6g}{spread}; runs in "
-              f"{self.dir / 'models'}: {', '.join(best.user_attrs['runs'])}")
+        print(f"Best trial {best.number}: {self.space.metric} {best.value:.6g}{spread}; {runs}")
         command = ["python", "train.py", "-c", self.args.config, *overrides(best.params)]
         print("Reproduce it: " + shlex.join(command + ["seed=SEED"] * (repeat > 1)))
         print(f"All trials: {self.dir / 'trials.csv'}")
-        return 0
 
 
 if __name__ == "__main__":

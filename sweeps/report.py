@@ -1,12 +1,12 @@
 """The trials' side of a sweep: the study's storage, and a callback reporting each epoch's value to the study."""
 import logging
-import math
 
 import optuna
 
 import utils.dist as dist
 from utils.errors import ConfigError, TrainingError
 
+PRUNED = "pruned by the sweep"  # how the one-line error of a pruned trial starts
 PRUNERS = {"median": optuna.pruners.MedianPruner, "none": optuna.pruners.NopPruner}
 
 
@@ -40,28 +40,21 @@ class ReportToStudy:
 
     def __init__(self, storage, study, trial, objective, pruner="none"):
         self.storage, self.study, self.number, self.pruner = storage, study, trial, pruner
-        self.metric, self.trial, self.broken = objective.split()[-1], None, False
+        self.metric, self.trial = objective.split()[-1], None
 
     def on_epoch_end(self, trainer, epoch, log):
-        value = log.get(self.metric)
-        prune = self._report(epoch, value) if dist.is_main_process() else False
-        if dist.gather_objects(prune)[0]:
-            raise TrainingError(f"pruned by the sweep at epoch {epoch} ({self.metric} {value:.6g}); the run is kept")
-
-    def _report(self, epoch, value):
-        if self.broken or value is None or not math.isfinite(value):
-            return False
+        value, prune = log.get(self.metric), False
         try:
-            if self.trial is None:
-                storage = open_storage(self.storage)
-                study = optuna.load_study(study_name=self.study, storage=storage, pruner=build(self.pruner, PRUNERS,
-                                                                                              "pruner"))
-                self.trial = optuna.trial.Trial(study, trial_id(storage, self.study, self.number))
-            self.trial.report(value, epoch)
-            if self.trial.should_prune():
-                self.trial.set_user_attr("pruned_at", epoch)
-                return True
+            if dist.is_main_process() and self.trial is not False:
+                if self.trial is None:
+                    storage = open_storage(self.storage)
+                    pruner = build(self.pruner, PRUNERS, "pruner")
+                    study = optuna.load_study(study_name=self.study, storage=storage, pruner=pruner)
+                    self.trial = optuna.trial.Trial(study, trial_id(storage, self.study, self.number))
+                self.trial.report(value, epoch)
+                prune = self.trial.should_prune()
         except Exception as e:  # the run matters more than its report
             logging.getLogger("trainer").warning("sweep: cannot report to study %s: %s", self.study, str(e)[:200])
-            self.broken = True
-        return False
+            self.trial = False
+        if dist.gather_objects(prune)[0]:
+            raise TrainingError(f"{PRUNED} at epoch {epoch} ({self.metric} {value:.6g}); the run is kept")

@@ -19,15 +19,15 @@ class Grid(optuna.samplers.GridSampler):
 
 SAMPLERS = {"grid": Grid, "random": lambda grid, **args: optuna.samplers.RandomSampler(**args),
             "tpe": lambda grid, **args: optuna.samplers.TPESampler(**args)}
+DISTRIBUTIONS = {"int": IntDistribution, "float": FloatDistribution}
+PRIMITIVE = (bool, int, float, str)  # what Optuna stores as a choice (and None)
 SPACE_KEYS = ("parameters", "sampler", "trials", "objective", "pruner")
 
 
 def from_shortcut(items) -> dict:
     """The SPACE of KEY=V1,V2,... arguments (each value read as JSON, else as a string): a grid."""
     parameters = {}
-    for key, equals, values in (item.partition("=") for item in items):
-        if not (key and equals):
-            raise ConfigError(f"{key[:80]!r}: expected KEY.PATH=V1,V2,...")
+    for key, _, values in (item.partition("=") for item in items):
         parameters[key] = [_json_or_text(v) for v in values.split(",")]
     return {"parameters": parameters, "sampler": "grid"}
 
@@ -43,8 +43,7 @@ def load_space(path) -> dict:
     space = load_config_file(path)  # JSON or YAML, size-bounded; errors name the file
     unknown = [k for k in space if k not in SPACE_KEYS]
     if unknown or not isinstance(space.get("parameters"), dict) or not space["parameters"]:
-        raise ConfigError(f"{path}: {unknown[0] if unknown else 'parameters'}: a SPACE has {', '.join(SPACE_KEYS)}; "
-                          "parameters maps config key paths to their values")
+        raise ConfigError(f"{path}: {(unknown or ['parameters'])[0]}: a SPACE has {', '.join(SPACE_KEYS)}")
     return space
 
 
@@ -53,7 +52,7 @@ class Space:
 
     def __init__(self, space, raw_config, registry):
         self.space, self.raw, self.registry = space, raw_config, registry
-        self.base = self._parse([])
+        self.base, self.suggesters = self._parse([]), {}  # suggesters: key -> (Trial.suggest_<kind>, its args)
         self.distributions = {key: self._distribution(key, value) for key, value in space["parameters"].items()}
         grid = {key: list(getattr(d, "choices", [])) for key, d in self.distributions.items()}
         self.sampler = build(space.get("sampler", "tpe"), SAMPLERS, "sampler", grid)
@@ -63,8 +62,8 @@ class Space:
         self.pruner = space.get("pruner", "none")
         build(self.pruner, PRUNERS, "pruner")  # checked now, built in each trial
         self.objective = space.get("objective") or self.base["trainer"]["monitor"]
-        callbacks = [self.base.resolve(f"callbacks.{i}") for i in range(len(self.base["callbacks"]))]
-        try:
+        try:  # the names a callback class adds to the log (its `logs`) may be the objective
+            callbacks = [self.base.resolve(f"callbacks.{i}") for i in range(len(self.base["callbacks"]))]
             self.mode, self.metric = parse_monitor(self.objective, self.base.metric_names, callbacks)
         except ConfigError as e:
             raise ConfigError(str(e).replace("trainer.monitor", "objective", 1)) from None
@@ -82,31 +81,20 @@ class Space:
 
     def _distribution(self, key, value):
         """A list of values (a choice), or a range {low, high[, log, step]}: ints if low, high and step are."""
-        if isinstance(value, list) and all(v is None or isinstance(v, (bool, int, float, str)) for v in value):
-            if not value:
-                raise ConfigError(f"{key}: an empty list of values")
-            for choice in value:
-                self._check(key, choice)
-            return CategoricalDistribution(value)
-        if not isinstance(value, dict) or not {"low", "high"} <= set(value) <= {"low", "high", "log", "step"}:
-            raise ConfigError(f"{key}: must be a list of numbers, strings, booleans or null, or {{low, high[, log, "
-                              "step]}")
-        integer = all(isinstance(value.get(k, 1), int) for k in ("low", "high", "step"))
-        try:
-            distribution = (IntDistribution if integer else FloatDistribution)(**value)
-        except (ValueError, TypeError) as e:  # e.g. low > high: an empty range
+        ranged = isinstance(value, dict) and {"low", "high"} <= set(value) <= {"low", "high", "log", "step"}
+        if not (ranged or isinstance(value, list) and all(v is None or isinstance(v, PRIMITIVE) for v in value)):
+            raise ConfigError(f"{key}: must be a list of numbers, strings, booleans or null, or {{low, high[, log]}}")
+        kind = "categorical" if not ranged else "int" if all(isinstance(value.get(k, 1), int) for k in
+                                                             ("low", "high", "step")) else "float"
+        try:  # an empty list, or low > high: an empty range
+            distribution = DISTRIBUTIONS[kind](**value) if ranged else CategoricalDistribution(value)
+        except (ValueError, TypeError) as e:
             raise ConfigError(f"{key}: {str(e)[:200]}") from None
-        self._check(key, value["low"])
-        self._check(key, value["high"])
+        for choice in (value["low"], value["high"]) if ranged else value:
+            self._check(key, choice)
+        self.suggesters[key] = (kind, value if ranged else {"choices": value})
         return distribution
 
     def suggest(self, trial) -> dict:
         """{key: value} of `trial`: what it holds already (a trial resumed), else sampled now."""
-        params = {}
-        for key, d in self.distributions.items():
-            if isinstance(d, CategoricalDistribution):
-                params[key] = trial.suggest_categorical(key, d.choices)
-            else:
-                suggest = trial.suggest_int if isinstance(d, IntDistribution) else trial.suggest_float
-                params[key] = suggest(key, d.low, d.high, step=d.step, log=d.log)
-        return params
+        return {key: getattr(trial, f"suggest_{kind}")(key, **args) for key, (kind, args) in self.suggesters.items()}
