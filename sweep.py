@@ -6,7 +6,6 @@ the study is in <save_dir>/sweeps/<name>/study.db (or --storage), the table of t
 import argparse
 import csv
 import ctypes
-import io
 import json
 import os
 import shlex
@@ -22,17 +21,13 @@ import optuna
 import torch
 from optuna.trial import TrialState
 
-from parse_config import load_config_file
-from sweeps.report import PRUNED, open_storage, trial_id
+from sweeps.report import open_storage, trial_id
 from sweeps.space import Space, from_shortcut, load_space
-from utils.config_file import is_name
 from utils.errors import ConfigError, TrainingError, run_main
-from utils.registry import Registry
 from utils.util import atomic_write_text, lock_dir
 
 TRAIN = str(Path(__file__).resolve().parent / "train.py")  # each trial is a run of it
 REPORT = "sweeps.report.ReportToStudy"  # the callback reporting to the study (allowed_modules.txt lists the module)
-STALE = 60  # seconds after which a trial whose start was cut short (no sweep directory recorded) is taken over
 
 
 def parse_args(argv=None):
@@ -47,50 +42,32 @@ def parse_args(argv=None):
     p.add_argument("--nproc", type=int, default=0, help="run each trial under torchrun with this many processes")
     p.add_argument("grid", nargs="*", metavar="KEY.PATH=V1,V2", help="a grid over these values (instead of -s)")
     args = p.parse_intermixed_args(argv)
-    if bool(args.space) == bool(args.grid):
-        p.error("give a SPACE file with -s, or KEY.PATH=V1,V2,... for a grid")
-    if min(args.workers, args.repeat, args.trials or 1) < 1 or args.nproc < 0:
-        p.error("--workers, --repeat and --trials must be at least 1, --nproc at least 0")
+    if bool(args.space) == bool(args.grid) or min(args.workers, args.repeat, args.trials or 1, args.nproc + 1) < 1:
+        p.error("give a SPACE file with -s or KEY.PATH=V1,V2,... (a grid); --workers, --repeat, --trials at least 1")
     return args
 
 
 def main(argv=None):
     args = parse_args(argv)
-    space = load_space(args.space) if args.space else from_shortcut(args.grid)
-    space = Space(space, load_config_file(args.config), Registry())
-    if args.repeat > 1 and "seed" in space.distributions:
+    space = Space(load_space(args.space) if args.space else from_shortcut(args.grid), args.config)
+    if args.repeat > 1 and "seed" in space.suggesters:
         raise ConfigError("seed: --repeat sets the seeds (seed, seed+1, ...); leave seed out of the space")
     trials = args.trials or space.space.get("trials") or space.size
     if not isinstance(trials, int) or trials < 1:
         raise ConfigError("trials: give the number of trials (--trials N, or \"trials\" in SPACE)")
-    name = args.name or (Path(args.space).stem if args.space else "grid")
-    if not is_name(name):
-        raise ConfigError(f"--name: {name[:80]!r} must be a name of 1-200 characters without path separators")
+    name = Path(args.name or (Path(args.space).stem if args.space else "grid")).name  # a name, not a path
     return Sweep(args, space, name, min(trials, space.size or trials)).run()
-
-
-def overrides(params) -> list:
-    return [f"{key}={json.dumps(value)}" for key, value in params.items()]
-
-
-def stop_with_parent(parent):
-    """Linux: the trial gets SIGTERM (it saves its position and stops) when the sweep dies, even by SIGKILL."""
-    def preexec():
-        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    return preexec if sys.platform.startswith("linux") else None
 
 
 class Sweep:
     def __init__(self, args, space, name, n_trials):
         self.args, self.space, self.name, self.n, self.running, self.stopping = args, space, name, n_trials, [], None
         self.dir = Path(space.base["trainer"]["save_dir"]) / "sweeps" / name
-        self.runs, self.logs = self.dir / "models" / space.base["name"], self.dir / "log" / space.base["name"]
         self.url = args.storage or f"sqlite:///{self.dir / 'study.db'}"
         (self.dir / "output").mkdir(parents=True, exist_ok=True)
         if not (self.dir / "id").exists():  # this sweep directory's id, recorded in each trial it runs
             atomic_write_text(os.urandom(16).hex(), self.dir / "id")
         self.id, self.storage = (self.dir / "id").read_text(), open_storage(self.url)
-        optuna.logging.set_verbosity(optuna.logging.WARNING)
         self.study = optuna.create_study(storage=self.storage, study_name=name, sampler=space.sampler,
                                          direction=f"{space.mode}imize", load_if_exists=True)  # max: maximize
         definition = json.dumps([space.space["parameters"], space.space.get("sampler"), space.objective, args.repeat])
@@ -103,8 +80,7 @@ class Sweep:
         self.threads = max(1, len(os.sched_getaffinity(0)) // (self.workers * self.per_trial))
 
     def run(self):
-        for s in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(s, self._signal)
+        signal.signal(signal.SIGTERM, self._signal)  # Ctrl-C (SIGINT) reaches the trials itself, and ends the sweep
         while self.running or not (self.stopping or self._done()):
             self._reap()
             while not self.stopping and len(self.running) < self.workers and self._next_trial():
@@ -116,23 +92,22 @@ class Sweep:
             sys.exit(128 + self.stopping)
         return self._summary()
 
-    def _signal(self, signum, frame):
-        if self.stopping is None and signum == signal.SIGTERM:  # SIGINT (Ctrl-C) reaches the trials itself
+    def _signal(self, signum, frame):  # SIGTERM: the trials save their place and stop, the sweep with them
+        if self.stopping is None:
             for job in self.running:
                 job.proc.send_signal(signal.SIGTERM)
-        self.stopping = self.stopping or signum
+        self.stopping = signum
 
     def _counted(self):  # every trial of the study but those dropped as one too many
         return [t for t in self.study.get_trials(deepcopy=False) if not t.user_attrs.get("void")]
 
     def _ours(self, t):  # a running trial this directory resumes, once no process holds its lock
-        if t.state != TrialState.RUNNING:
-            return False
-        return t.user_attrs.get("dir", self.id if time.time() - t.datetime_start.timestamp() > STALE else 0) == self.id
+        # a trial whose start was cut short (no sweep directory recorded) is anyone's after a minute
+        cut_short = t.datetime_start and time.time() - t.datetime_start.timestamp() > 60
+        return t.state == TrialState.RUNNING and t.user_attrs.get("dir", self.id if cut_short else 0) == self.id
 
     def _done(self):
-        trials = self._counted()
-        return len(trials) >= self.n and not any(map(self._ours, trials))
+        return len(self._counted()) >= self.n and not any(map(self._ours, self._counted()))
 
     def _lock(self, number):
         """An open file locking trial `number` (its processes inherit it), or None if another process has it."""
@@ -150,7 +125,6 @@ class Sweep:
             return False
         trial = self.study.ask()
         lock = self._lock(trial.number)
-        trial.set_user_attr("dir", self.id)
         if sum(t.number < trial.number for t in self._counted()) >= self.n:  # another command asked at once
             trial.set_user_attr("void", True)
             self.study.tell(trial, state=TrialState.FAIL)
@@ -159,10 +133,10 @@ class Sweep:
 
     def _start(self, trial, lock):
         """Run `trial` here; a job is its runs (one per seed, one after another), the lock its processes hold too."""
-        seed, gpus = self.space.base["seed"], self.gpus[:self.per_trial * bool(self.gpus)]
+        seed, gpus, self.gpus = self.space.base["seed"], self.gpus[:self.per_trial], self.gpus[self.per_trial:]
         runs = [f"trial-{trial.number}" + f"-seed{seed + k}" * (self.args.repeat > 1) for k in range(self.args.repeat)]
-        trial.set_user_attr("runs", [str(self.runs / run) for run in runs])
-        del self.gpus[:len(gpus)]
+        trial.set_user_attr("dir", self.id)
+        trial.set_user_attr("runs", [str(self.dir / "models" / self.space.base["name"] / run) for run in runs])
         self.running.append(SimpleNamespace(trial=trial, lock=lock, params=self.space.suggest(trial), runs=runs,
                                             gpus=gpus, codes=[]))
         self._launch(self.running[-1])
@@ -178,13 +152,14 @@ class Sweep:
             report = dict(storage=self.url, study=self.name, trial=job.trial.number, objective=self.space.objective,
                           pruner=self.space.pruner)
             cmd.append("callbacks=" + json.dumps([*self.space.base["callbacks"], {"type": REPORT, "args": report}]))
-        cmd += overrides(job.params) + [f"seed={self.space.base['seed'] + k}"] * (self.args.repeat > 1)
+        cmd += [f"{key}={json.dumps(value)}" for key, value in job.params.items()]
+        cmd += [f"seed={self.space.base['seed'] + k}"] * (self.args.repeat > 1)
         env = {"OMP_NUM_THREADS": str(self.threads), **os.environ, **{"CUDA_VISIBLE_DEVICES": ",".join(job.gpus)}}
+        # Linux: the trial gets SIGTERM (it saves its position and stops) when the sweep dies, even by SIGKILL
+        preexec = (lambda: ctypes.CDLL(None).prctl(1, signal.SIGTERM)) if sys.platform == "linux" else None  # DEATHSIG
         with open(self.dir / "output" / f"{job.runs[k]}.log", "a") as log:
             job.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                        pass_fds=(job.lock.fileno(),), preexec_fn=stop_with_parent(os.getpid()))
-        if self.stopping == signal.SIGTERM:
-            job.proc.send_signal(signal.SIGTERM)
+                                        pass_fds=(job.lock.fileno(),), preexec_fn=preexec)
 
     def _reap(self):
         for job in [j for j in self.running if j.proc.poll() is not None]:
@@ -202,37 +177,37 @@ class Sweep:
 
     def _finish(self, job):
         """Tell the study how the trial ended: the mean objective of its runs, or pruned, or failed with its error."""
-        trial, code = job.trial, job.codes[-1]
         try:
-            values = [self._objective(run) for run in job.runs] if code == 0 else None
+            values = [self._objective(run) for run in job.runs] if job.codes[-1] == 0 else None
             if values:
-                trial.set_user_attr("spread", statistics.stdev(values) if len(values) > 1 else 0.0)
-                return self.study.tell(trial, statistics.mean(values))
+                job.trial.set_user_attr("spread", statistics.stdev(values) if len(values) > 1 else 0.0)
+                return self.study.tell(job.trial, statistics.mean(values))
             lines = (self.dir / "output" / f"{job.runs[len(job.codes) - 1]}.log").read_text().splitlines()
             errors = [line[7:] for line in lines if line.startswith("error: ")] or [s for s in lines if s.strip()]
-            error = f"{(errors or [''])[-1][:300]} (exit status {code})"
+            error = f"{(errors or [''])[-1][:300]} (exit status {job.codes[-1]})"
         except (OSError, ValueError) as e:  # no metrics.csv, or no objective in it
             error = f"the objective {self.space.metric}: {e}"
-        trial.set_user_attr("error", error)
-        self.study.tell(trial, state=TrialState.PRUNED if error.startswith(PRUNED) else TrialState.FAIL)
+        job.trial.set_user_attr("error", error)
+        pruned = error.startswith("pruned by the sweep")  # the one-line error of ReportToStudy (sweeps/report.py)
+        self.study.tell(job.trial, state=TrialState.PRUNED if pruned else TrialState.FAIL)
 
     def _objective(self, run):
         """The best value of the objective over the run's epochs, in its metrics.csv."""
-        with open(self.logs / run / "metrics.csv", newline="") as f:
+        with open(self.dir / "log" / self.space.base["name"] / run / "metrics.csv", newline="") as f:
             values = [float(row[self.space.metric]) for row in csv.DictReader(f) if row.get(self.space.metric)]
         return (max if self.space.mode == "max" else min)(values)  # none: a ValueError
 
     def _write_table(self):
         """trials.csv in the sweep directory: every trial of the study, as it stands now."""
-        keys = list(self.space.distributions)
+        keys = list(self.space.suggesters)
         rows = [["number", "state", "objective", "spread", *keys, "runs", "error"]]
         for t in self._counted():
             value, attrs = t.value if t.state == TrialState.COMPLETE else "", t.user_attrs
             rows.append([t.number, t.state.name, value, attrs.get("spread", ""), *(t.params.get(k, "") for k in keys),
                          " ".join(attrs.get("runs", [])), attrs.get("error", "")])
-        text = io.StringIO()
-        csv.writer(text, lineterminator="\n").writerows(rows)
-        atomic_write_text(text.getvalue(), self.dir / "trials.csv")
+        with open(self.dir / "trials.csv.tmp", "w", newline="") as f:
+            csv.writer(f, lineterminator="\n").writerows(rows)
+        os.replace(self.dir / "trials.csv.tmp", self.dir / "trials.csv")  # a reader never sees half a table
 
     def _summary(self):
         try:
@@ -242,9 +217,8 @@ class Sweep:
         repeat, runs = self.args.repeat, " ".join(best.user_attrs["runs"])
         spread = f" (mean of {repeat} seeds, spread {best.user_attrs['spread']:.3g})" if repeat > 1 else ""
         print(f"Best trial {best.number}: {self.space.metric} {best.value:.6g}{spread}; {runs}")
-        command = ["python", "train.py", "-c", self.args.config, *overrides(best.params)]
-        print("Reproduce it: " + shlex.join(command + ["seed=SEED"] * (repeat > 1)))
-        print(f"All trials: {self.dir / 'trials.csv'}")
+        values = [f"{key}={json.dumps(value)}" for key, value in best.params.items()] + ["seed=SEED"] * (repeat > 1)
+        print("Reproduce it: " + shlex.join(["python", "train.py", "-c", self.args.config, *values]))
 
 
 if __name__ == "__main__":

@@ -1,12 +1,12 @@
 """The trials' side of a sweep: the study's storage, and a callback reporting each epoch's value to the study."""
 import logging
+import time
 
 import optuna
 
 import utils.dist as dist
 from utils.errors import ConfigError, TrainingError
 
-PRUNED = "pruned by the sweep"  # how the one-line error of a pruned trial starts
 PRUNERS = {"median": optuna.pruners.MedianPruner, "none": optuna.pruners.NopPruner}
 
 
@@ -14,18 +14,22 @@ def open_storage(url):
     """Optuna's RDB storage at `url`; on SQLite a writer waits up to a minute for the file's lock (the sweep and
     its running trials write at once)."""
     engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
-    return optuna.storages.RDBStorage(url, engine_kwargs=engine)
+    for attempt in range(3):  # two commands creating a new storage's tables at once: the one refused tries again
+        try:
+            return optuna.storages.RDBStorage(url, engine_kwargs=engine)
+        except Exception as e:  # a mistyped URL, a server out of reach, a driver not installed
+            if attempt == 2:
+                raise ConfigError(f"--storage: cannot open {url}: {str(e).strip().splitlines()[0][:300]}") from None
+        time.sleep(1)
 
 
 def build(spec, table, what, *args):
     """What a SPACE's sampler or pruner names: a name of `table`, or {type, args} of one."""
     spec = {"type": spec} if isinstance(spec, str) else spec
-    if not isinstance(spec, dict) or spec.get("type") not in table or not isinstance(spec.get("args", {}), dict):
-        raise ConfigError(f"{what}: must be one of {', '.join(table)}, or {{type, args}} of one")
     try:
         return table[spec["type"]](*args, **spec.get("args", {}))
-    except TypeError as e:
-        raise ConfigError(f"{what}.args: {e}") from None
+    except (KeyError, TypeError, AttributeError) as e:  # an unknown name, or arguments it does not take
+        raise ConfigError(f"{what}: must be one of {', '.join(table)}, or {{type, args}} of one ({e})") from None
 
 
 def trial_id(storage, study, number):
@@ -57,4 +61,4 @@ class ReportToStudy:
             logging.getLogger("trainer").warning("sweep: cannot report to study %s: %s", self.study, str(e)[:200])
             self.trial = False
         if dist.gather_objects(prune)[0]:
-            raise TrainingError(f"{PRUNED} at epoch {epoch} ({self.metric} {value:.6g}); the run is kept")
+            raise TrainingError(f"pruned by the sweep at epoch {epoch} ({self.metric} {value:.6g}); the run is kept")

@@ -10,25 +10,26 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution, Int
 from parse_config import ConfigParser, load_config_file, parse_monitor
 from sweeps.report import PRUNERS, build
 from utils.errors import ConfigError
+from utils.registry import Registry
 
 
 class Grid(optuna.samplers.GridSampler):
-    def after_trial(self, *args):  # Optuna's would stop study.optimize() (unused): the sweep counts its trials
-        pass
+    """Optuna's grid, without its study.stop() when the grid is done (only study.optimize() takes that; this sweep
+    counts its trials itself)."""
+
+    after_trial = optuna.samplers.BaseSampler.after_trial  # which does nothing
 
 
 SAMPLERS = {"grid": Grid, "random": lambda grid, **args: optuna.samplers.RandomSampler(**args),
             "tpe": lambda grid, **args: optuna.samplers.TPESampler(**args)}
-DISTRIBUTIONS = {"int": IntDistribution, "float": FloatDistribution}
-PRIMITIVE = (bool, int, float, str)  # what Optuna stores as a choice (and None)
+DISTRIBUTIONS = {"int": IntDistribution, "float": FloatDistribution, "categorical": CategoricalDistribution}
 SPACE_KEYS = ("parameters", "sampler", "trials", "objective", "pruner")
 
 
 def from_shortcut(items) -> dict:
     """The SPACE of KEY=V1,V2,... arguments (each value read as JSON, else as a string): a grid."""
-    parameters = {}
-    for key, _, values in (item.partition("=") for item in items):
-        parameters[key] = [_json_or_text(v) for v in values.split(",")]
+    pairs = (item.partition("=") for item in items)
+    parameters = {key: [_json_or_text(v) for v in values.split(",")] for key, _, values in pairs}
     return {"parameters": parameters, "sampler": "grid"}
 
 
@@ -41,20 +42,22 @@ def _json_or_text(text):
 
 def load_space(path) -> dict:
     space = load_config_file(path)  # JSON or YAML, size-bounded; errors name the file
-    unknown = [k for k in space if k not in SPACE_KEYS]
-    if unknown or not isinstance(space.get("parameters"), dict) or not space["parameters"]:
-        raise ConfigError(f"{path}: {(unknown or ['parameters'])[0]}: a SPACE has {', '.join(SPACE_KEYS)}")
+    wrong = [k for k in space if k not in SPACE_KEYS]
+    if wrong or not space.get("parameters") or not isinstance(space["parameters"], dict):
+        raise ConfigError(f"{path}: {(wrong or ['parameters'])[0]}: a SPACE has {', '.join(SPACE_KEYS)}")
     return space
 
 
 class Space:
-    """The checked space: Optuna distributions by key path, sampler, pruner, objective (mode, metric), grid size."""
+    """The checked space: how to suggest each key path's value, sampler, pruner, objective (mode, metric), grid size."""
 
-    def __init__(self, space, raw_config, registry):
-        self.space, self.raw, self.registry = space, raw_config, registry
-        self.base, self.suggesters = self._parse([]), {}  # suggesters: key -> (Trial.suggest_<kind>, its args)
-        self.distributions = {key: self._distribution(key, value) for key, value in space["parameters"].items()}
-        grid = {key: list(getattr(d, "choices", [])) for key, d in self.distributions.items()}
+    def __init__(self, space, config_file):
+        self.space, self.raw, self.registry = space, load_config_file(config_file), Registry()
+        # suggesters: key path -> (the kind of Trial.suggest_<kind>, its arguments)
+        self.base, self.suggesters = ConfigParser(copy.deepcopy(self.raw), [], self.registry), {}
+        for key, value in space["parameters"].items():
+            self._add(key, value)
+        grid = {key: args.get("choices", []) for key, (kind, args) in self.suggesters.items()}
         self.sampler = build(space.get("sampler", "tpe"), SAMPLERS, "sampler", grid)
         self.size = math.prod(map(len, grid.values())) if isinstance(self.sampler, Grid) else None
         if self.size == 0:
@@ -70,30 +73,26 @@ class Space:
         if self.mode == "off":
             raise ConfigError("objective: trainer.monitor is off; name one in SPACE, e.g. \"max val_accuracy\"")
 
-    def _parse(self, overrides):
-        return ConfigParser(copy.deepcopy(self.raw), overrides, self.registry)
-
     def _check(self, key, value):  # the config takes `value` at `key`; the error names the key
         try:
-            self._parse([f"{key}={json.dumps(value)}"])
+            ConfigParser(copy.deepcopy(self.raw), [f"{key}={json.dumps(value)}"], self.registry)
         except ConfigError as e:
             raise ConfigError(str(e) if key.lstrip("+") in str(e) else f"{key}: {e}") from None
 
-    def _distribution(self, key, value):
+    def _add(self, key, value):
         """A list of values (a choice), or a range {low, high[, log, step]}: ints if low, high and step are."""
         ranged = isinstance(value, dict) and {"low", "high"} <= set(value) <= {"low", "high", "log", "step"}
-        if not (ranged or isinstance(value, list) and all(v is None or isinstance(v, PRIMITIVE) for v in value)):
-            raise ConfigError(f"{key}: must be a list of numbers, strings, booleans or null, or {{low, high[, log]}}")
-        kind = "categorical" if not ranged else "int" if all(isinstance(value.get(k, 1), int) for k in
-                                                             ("low", "high", "step")) else "float"
+        if not (ranged or isinstance(value, list)):
+            raise ConfigError(f"{key}: must be a list of values, or a range {{low, high[, log, step]}}")
+        integer = ranged and all(isinstance(value.get(k, 1), int) for k in ("low", "high", "step"))
+        kind, args = ("int" if integer else "float", value) if ranged else ("categorical", {"choices": value})
         try:  # an empty list, or low > high: an empty range
-            distribution = DISTRIBUTIONS[kind](**value) if ranged else CategoricalDistribution(value)
+            DISTRIBUTIONS[kind](**args)
         except (ValueError, TypeError) as e:
             raise ConfigError(f"{key}: {str(e)[:200]}") from None
         for choice in (value["low"], value["high"]) if ranged else value:
             self._check(key, choice)
-        self.suggesters[key] = (kind, value if ranged else {"choices": value})
-        return distribution
+        self.suggesters[key] = (kind, args)
 
     def suggest(self, trial) -> dict:
         """{key: value} of `trial`: what it holds already (a trial resumed), else sampled now."""

@@ -15,8 +15,7 @@ import optuna
 import pytest
 
 import sweep as sweep_script
-from conftest import ROOT, THREADS_ENV, Run, assert_ok, assert_same_run, assert_user_error, main_error, read_csv, \
-    run_script, run_train
+from conftest import ROOT, THREADS_ENV, Run, assert_ok, assert_same_run, main_error, read_csv, run_script, run_train
 
 FAST = {"epochs": 2, "len_epoch": 8, "tensorboard": False, "verbosity": 1, "save_period": 1}
 
@@ -104,8 +103,8 @@ def test_a_grid_sweep_records_every_trial_and_failures_do_not_end_it(tmp_path):
         {p.name for p in run.iterdir()}
     assert glob.glob(str(sweep_dir / "log" / "Digits_CNN" / run.name / "events.out.tfevents.*"))
     lines = result.stdout.splitlines()
-    assert lines[-3].startswith(f"Best trial {good['number']}: val_accuracy {float(good['objective']):.6g}; {run}")
-    assert lines[-2] == f"Reproduce it: python train.py -c {config} optimizer.args.lr=0.005 metrics.1.args.k=3"
+    assert lines[-2].startswith(f"Best trial {good['number']}: val_accuracy {float(good['objective']):.6g}; {run}")
+    assert lines[-1] == f"Reproduce it: python train.py -c {config} optimizer.args.lr=0.005 metrics.1.args.k=3"
     assert_ok(run_script("test.py", "-r", run / "model_best.pth"))
     nan = by_params[("1000000000000.0", "3")]
     assert nan["state"] == "FAIL" and "non-finite training loss" in nan["error"]
