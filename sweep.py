@@ -85,7 +85,7 @@ class Sweep:
             self._reap()
             while not self.stopping and len(self.running) < self.workers and self._next_trial():
                 self._write_table()
-            time.sleep(0.2)
+            time.sleep(0.05)
         self._write_table()
         if self.stopping:
             print(f"Stopped by {signal.Signals(self.stopping).name}: the same command continues", file=sys.stderr)
