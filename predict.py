@@ -59,7 +59,8 @@ def check_output(out, sources):
         with open(out, "rb") as f:
             ours = f.read(6) == b"input,"
         if not ours or any(Path(s).exists() and out.samefile(s) for s in sources):
-            raise ConfigError(f"-o {out}: exists and is not an earlier predictions CSV; left as it was (name a new file)")
+            raise ConfigError(f"-o {out}: exists and is not an earlier predictions CSV; left as it was "
+                              "(name a new file)")
 
 
 def model_input(info, source):
