@@ -11,8 +11,8 @@ import torch
 import utils.dist as dist
 from base.base_metric import MetricTracker, batch_size
 from logger import RunOutputs, progress_bar
-from utils.checkpoint import (check_resumable, is_rolling, load_model_state, position_of, save_checkpoint,
-                              supersede_after)
+from utils.checkpoint import (TRAINER_KEYS, check_resumable, is_rolling, load_model_state, position_of,
+                              save_checkpoint, supersede_after)
 from utils.errors import CheckpointError, ConfigError, TrainingError
 from utils.preemption import PREEMPTED, StopRequest
 from utils.util import get_rng_state, set_rng_state, to_device, unwrap_model
@@ -43,9 +43,6 @@ TRAINER_DEFAULTS = {
 
 class BaseTrainer:
     """Trains `model` on `data_loader` (validating on `valid_data_loader`) with the step(batch) a subclass defines."""
-
-    # state_dict()["trainer"]: finished epochs, steps, batches of epoch + 1 done (mid-epoch), best, early-stop count
-    STATE = ("epoch", "global_step", "batches_done", "monitor_best", "best_epoch", "not_improved_count")
 
     def __init__(self, model, criterion, metrics, optimizer, config, device, data_loader=None,
                  valid_data_loader=None, lr_scheduler=None, callbacks=None, data=None):
@@ -89,7 +86,7 @@ class BaseTrainer:
             "epoch": self.epoch + (1 if self.batches_done else 0),  # the epoch this checkpoint is in
             "model": model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "lr_scheduler": self.lr_scheduler.state_dict() if self.lr_scheduler is not None else None,
-            "scaler": self.scaler.state_dict(), "trainer": {key: getattr(self, key) for key in self.STATE},
+            "scaler": self.scaler.state_dict(), "trainer": {key: getattr(self, key) for key in TRAINER_KEYS},
             "metrics": dist.gather_objects(self.metrics.state_dict()) if self.batches_done else None,  # mid-epoch sums
             "rng": dist.gather_objects(get_rng_state()),  # one per process
             "callbacks": {name: cb.state_dict() for name, cb in self.callbacks.items() if hasattr(cb, "state_dict")},
@@ -116,7 +113,7 @@ class BaseTrainer:
         except (KeyError, TypeError, ValueError, RuntimeError, IndexError, AttributeError) as e:
             raise CheckpointError(f"{path}: its optimizer, scheduler, scaler, metric, RNG or callback state does "
                                   f"not fit this run ({type(e).__name__}: {str(e)[:200]})") from None
-        vars(self).update((key, checkpoint["trainer"][key]) for key in self.STATE)
+        vars(self).update((key, checkpoint["trainer"][key]) for key in TRAINER_KEYS)
         self.resumed_at = Path(path), position_of(checkpoint)  # the file and where in training it stands
         self.rolling, self.last_saved = Path(path) if is_rolling(checkpoint, path) else None, Path(path)
         if saved_by != world and dist.is_main_process():

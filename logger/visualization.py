@@ -50,13 +50,12 @@ class RunOutputs:
     TensorBoard groups by metric (loss/train, loss/valid, with a custom chart overlaying the two), keeps
     optimizer/lr and time/ apart, and gets the config as text and as hparams, so runs compare side by side."""
 
-    def __init__(self, log_dir, tensorboard: bool, resumed_at=None, config=None, monitor=None):
+    def __init__(self, log_dir, tensorboard: bool, resumed_at, config, monitor=None):
         self.csv = MetricsCSV(Path(log_dir) / "metrics.csv")
-        if resumed_at is not None:
-            self.csv.truncate(resumed_at[0])
+        self.csv.truncate(resumed_at[0])
         # run_info: the config, written to TensorBoard with the first epoch, when the metric names are known
         self.writer, self.monitor, self.run_info = None, monitor, config
-        events = list(Path(log_dir).glob("events.out.tfevents.*")) if resumed_at is not None else []
+        events = list(Path(log_dir).glob("events.out.tfevents.*"))
         if events and resumed_at[1] == 0:
             # An attempt that kept no step: its events go whole, leaving nothing to purge. (purge_step would rely
             # on the new file sorting after the old one, which its name, <time in seconds>.<host>.<pid>, does not

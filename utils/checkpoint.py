@@ -15,7 +15,9 @@ from utils.util import atomic_link, atomic_write_bytes, claim_dir
 
 CHECKPOINT_KEYS = {"arch", "epoch", "run_id", "model", "optimizer", "lr_scheduler", "trainer", "scaler", "metrics",
                    "rng", "config", "callbacks", "data"}
-TRAINER_KEYS = {"epoch", "global_step", "batches_done", "monitor_best", "best_epoch", "not_improved_count"}
+# checkpoint["trainer"], BaseTrainer's counters: finished epochs, steps, batches of epoch + 1 done (mid-epoch), best,
+# early-stop count
+TRAINER_KEYS = ("epoch", "global_step", "batches_done", "monitor_best", "best_epoch", "not_improved_count")
 _NAME = re.compile(r"checkpoint-epoch(\d+)(?:-step(\d+))?\.pth$")
 
 
@@ -106,11 +108,12 @@ def _structure_fault(c) -> str:
     except ConfigError:
         return "config is not a mapping of at most 100000 values"
     t, runs, saved = c["trainer"], c["rng"], c["config"].get("trainer")  # saved: the run's trainer settings
+    keys = set(TRAINER_KEYS)
     epochs = saved["epochs"] if isinstance(saved, dict) and count(saved.get("epochs")) else 2**62
     checks = [
         ("run_id is not a run name", lambda: is_name(c["run_id"])),
-        (f"trainer must hold exactly {sorted(TRAINER_KEYS)}", lambda: isinstance(t, dict) and set(t) == TRAINER_KEYS),
-        ("trainer counters must be integers >= 0", lambda: all(count(t[k]) for k in TRAINER_KEYS - {"monitor_best"})),
+        (f"trainer must hold exactly {sorted(keys)}", lambda: isinstance(t, dict) and set(t) == keys),
+        ("trainer counters must be integers >= 0", lambda: all(count(t[k]) for k in keys - {"monitor_best"})),
         ("trainer.monitor_best is not a number", lambda: type(t["monitor_best"]) in (int, float)),
         ("epoch does not match trainer.epoch", lambda: c["epoch"] == t["epoch"] + (1 if t["batches_done"] else 0)),
         ("trainer.epoch is past the run's trainer.epochs", lambda: t["epoch"] <= epochs),

@@ -10,15 +10,15 @@ class UserError(Exception):
 
 
 class ConfigError(UserError):
-    pass
+    """A config file, an override or a command-line option that cannot be used."""
 
 
 class CheckpointError(UserError):
-    pass
+    """A checkpoint that cannot be found, loaded or resumed by this run."""
 
 
 class DataError(UserError):
-    pass
+    """Data files missing or unreadable, or not the data a checkpoint was trained on."""
 
 
 class TrainingError(Exception):
