@@ -44,7 +44,7 @@ MAXIMUM = {"seed": 2**32 - 1}  # numpy's limit; every other integer at most 2**3
 RESERVED = ("loss", "epoch", "lr", "epoch_seconds", "samples_per_second")  # columns the trainer writes itself
 EXTRA_KEYS = {"valid_dataset": ("optional",), "test_dataset": ("optional",), "metrics": ("name",),
               "callbacks": ("name",), "lr_scheduler": ("interval",)}
-A_NAME = "a name of 1-200 characters without path separators"
+A_NAME = "a name of 1-200 printable characters without path separators"
 
 
 def spec_of(value) -> dict:
@@ -236,7 +236,8 @@ class ConfigParser:
             data = path.startswith("data_loader")
             if isinstance(e, RuntimeError) and not data:
                 raise
-            raise (DataError if data else ConfigError)(f"{at}: {spec['type']} failed: {str(e).strip()[:300]}") from None
+            raise (DataError if data else ConfigError)(
+                f"{at}: {spec['type']} failed: {str(e).strip()[:300]}{_files_hint(obj, spec)}") from None
 
     def init_scheduler(self, optimizer):
         """lr_scheduler on `optimizer`; for SequentialLR and ChainedScheduler, the schedulers of its args first."""
@@ -290,3 +291,12 @@ class ConfigParser:
         write_json(self.config, self.save_dir / "config.json")
         return lock
 
+
+def _files_hint(cls, spec):
+    """For torchvision's MNIST-style datasets: the files to put in place when they cannot be downloaded."""
+    resources = getattr(cls, "resources", None)
+    if not resources:
+        return ""
+    root = Path(spec["args"].get("root", ".")) / cls.__name__ / "raw"
+    files = ", ".join(Path(r[0] if isinstance(r, tuple) else r).name.removesuffix(".gz") for r in resources)
+    return f"; offline, put these files (uncompressed: gunzip the .gz files) in {root}: {files}"

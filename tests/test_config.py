@@ -483,3 +483,12 @@ def test_a_save_dir_that_is_a_file_is_one_line(tmp_path):
 def test_resume_refuses_changes_that_would_alter_the_run(digits_run, override):
     result = run_train("-r", digits_run.model_dir, override)
     assert_user_error(result, "a resumed run keeps its")
+
+
+@pytest.mark.parametrize("name", ["two\nlines", "gpj.\u202eexe", "tab\there"])
+def test_a_name_that_would_make_logs_lie_is_refused(tmp_path, capsys, name):
+    import train
+    for argv in (["--run-id", name], [f"name={name}"]):
+        status, err = main_error(train.main, ["-c", "config.json", f"trainer.save_dir={tmp_path}", *argv], capsys)
+        assert status == 2 and "printable characters" in err and len(err.strip().splitlines()) == 1, err
+    assert not any(tmp_path.iterdir())

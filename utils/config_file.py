@@ -96,8 +96,10 @@ def _unknown_key(config, key, item):
 
 
 def is_name(name) -> bool:
-    """A single path component of 1-200 characters: a run id or an experiment name."""
-    return isinstance(name, str) and 0 < len(name) <= 200 and not set(name) & set("/\\\0") and name not in (".", "..")
+    """A single path component of 1-200 printable characters (no newline, no right-to-left override, which would
+    make logs and listings lie): a run id or an experiment name."""
+    return isinstance(name, str) and 0 < len(name) <= 200 and not set(name) & set("/\\\0") and \
+        name not in (".", "..") and name.isprintable()
 
 
 def where(path: str) -> str:
