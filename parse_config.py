@@ -265,13 +265,12 @@ class ConfigParser:
             else run / "log"
 
     def make_run_dirs(self, reuse=False):
-        """Create the run's directories, lock the run (another process training it is refused), write the resolved
-        config there; return the lock, to close when the run ends. A new run claims its directory by exclusive mkdir:
-        a same-second id gets a suffix, a taken --run-id is an error (unless `reuse`: a run with no checkpoint yet)."""
+        """Create the run's directories, lock the run (another process is refused), write the resolved config there;
+        the lock, to close when the run ends. A new run claims its directory by exclusive mkdir (parents too): a
+        same-second id gets a suffix, a taken --run-id is an error (unless `reuse`: a run with no checkpoint yet)."""
         claimed = None
         try:
             if not self.resume and not reuse:
-                self.save_dir.parent.mkdir(parents=True, exist_ok=True)
                 try:
                     claimed = claim_dir(self.save_dir, numbered=not self._run_id_given)
                 except FileExistsError:
@@ -294,9 +293,7 @@ class ConfigParser:
 
 def _files_hint(cls, spec):
     """For torchvision's MNIST-style datasets: the files to put in place when they cannot be downloaded."""
-    resources = getattr(cls, "resources", None)
-    if not resources:
-        return ""
-    root = Path(spec["args"].get("root", ".")) / cls.__name__ / "raw"
+    resources = getattr(cls, "resources", None) or ()
+    root = Path(spec["args"].get("root", ".")) / getattr(cls, "__name__", "") / "raw"
     files = ", ".join(Path(r[0] if isinstance(r, tuple) else r).name.removesuffix(".gz") for r in resources)
-    return f"; offline, put these files (uncompressed: gunzip the .gz files) in {root}: {files}"
+    return f"; offline, put these files (uncompressed: gunzip the .gz files) in {root}: {files}" if files else ""
