@@ -117,10 +117,11 @@ def describe(sets) -> dict:
     shape and dtype and the class names of the first split there is, so predict.py and export.py need no data."""
     first = next(sets[k] for k in ("valid", "test", "train") if sets[k] is not None)
     sample = first[(0, 0)] if isinstance(first, Transformed) and first.seed is not None else first[0]
-    x, classes = sample[0] if isinstance(sample, (tuple, list)) else None, getattr(source_of(first)[1], "classes", None)
+    x = sample[0] if isinstance(sample, (tuple, list)) else None  # the inputs of an (inputs, target) sample
+    classes = getattr(source_of(first)[1], "classes", None)  # torchvision's datasets have them
     return {"splits": {phase: fingerprint(ds) for phase, ds in sets.items()},
             "input": {"shape": [None, *x.shape], "dtype": str(x.dtype)} if torch.is_tensor(x) else None,
-            "class_names": list(map(str, classes)) if classes is not None else None}  # torchvision's have them
+            "class_names": list(map(str, classes)) if classes is not None else None}
 
 
 def source_of(dataset):
