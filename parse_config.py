@@ -2,6 +2,7 @@
 
 Precedence: command-line overrides > the config file (or a resumed checkpoint's config) > defaults. Parsing has no
 side effects (make_run_dirs() creates the directories); it builds only names of the Registry it is handed."""
+import contextlib
 import copy
 import functools
 import inspect
@@ -14,8 +15,8 @@ import torch
 from base.base_data_loader import LOADER_DEFAULTS
 from base.base_metric import snake_case
 from base.base_trainer import EVENTS, TRAINER_DEFAULTS, BaseTrainer
-from utils.config_file import (apply_override, check_keys, check_type, get_path, is_name,  # noqa: F401
-                               load_config_file, where)
+from utils.config_file import (apply_override, chain_length, check_keys, check_type, get_path, is_name,  # noqa: F401
+                               load_config_file, object_paths, spec_of, where)
 from utils.errors import REQUIRED, ConfigError, DataError
 from utils.util import claim_dir, lock_dir, write_json
 
@@ -45,30 +46,6 @@ RESERVED = ("loss", "epoch", "lr", "epoch_seconds", "samples_per_second")  # col
 EXTRA_KEYS = {"valid_dataset": ("optional",), "test_dataset": ("optional",), "metrics": ("name",),
               "callbacks": ("name",), "lr_scheduler": ("interval",)}
 A_NAME = "a name of 1-200 printable characters without path separators"
-
-
-def spec_of(value) -> dict:
-    """A {type, args} spec from a spec or a bare name."""
-    return {"type": value, "args": {}} if isinstance(value, str) else value
-
-
-def object_paths(config):
-    """The key path of every {type, args} (or bare name) the config asks to build."""
-    paths = ["arch", "optimizer", "loss"]
-    paths += [f"{key}.{i}" for key in ("metrics", "callbacks") for i in range(len(config[key]))]
-    if config["lr_scheduler"] is not None:  # SequentialLR and ChainedScheduler: their schedulers first
-        chain = [f"lr_scheduler.args.schedulers.{i}" for i in range(chain_length(config["lr_scheduler"]))]
-        paths += [*chain, "lr_scheduler"]
-    data = config["data_loader"]
-    paths += [f"data_loader.{k}" for k in ("dataset", "valid_dataset", "test_dataset") if data[k] is not None]
-    return paths + [f"data_loader.{k}.{i}" for k in ("train_transform", "eval_transform") for i in range(len(data[k]))]
-
-
-def chain_length(sched) -> int:
-    """How many specs (SequentialLR's, ChainedScheduler's schedulers) lr_scheduler.args.schedulers lists to build."""
-    args = sched.get("args")  # not checked yet: _check_spec comes after
-    inner = args.get("schedulers") if isinstance(args, dict) else None
-    return len(inner) if isinstance(inner, list) and all(isinstance(s, (str, dict)) for s in inner) else 0
 
 
 def parse_monitor(monitor: str, metric_names, callbacks=()):
@@ -268,7 +245,7 @@ class ConfigParser:
         """Create the run's directories, lock the run (another process is refused), write the resolved config there;
         the lock, to close when the run ends. A new run claims its directory by exclusive mkdir (parents too): a
         same-second id gets a suffix, a taken --run-id is an error (unless `reuse`: a run with no checkpoint yet)."""
-        claimed = None
+        claimed = lock = None
         try:
             if not self.resume and not reuse:
                 try:
@@ -280,14 +257,22 @@ class ConfigParser:
             self.save_dir.mkdir(parents=True, exist_ok=True)
             self.log_dir.mkdir(parents=True, exist_ok=True)
             lock, owner = lock_dir(self.save_dir)
-        except OSError as e:
+            if lock is not None:
+                for stale in self.save_dir.glob(".*.tmp"):  # a save a crash cut short (resumed or not)
+                    stale.unlink()
+                write_json(self.config, self.save_dir / "config.json")
+        except OSError as e:  # e.g. a full disk: nothing left behind to block this --run-id
+            if lock is not None:
+                lock.close()
             if claimed is not None:
-                claimed.rmdir()  # leave no empty run behind to block this --run-id
-            raise ConfigError(f"trainer.save_dir: cannot create {e.filename}: {e.strerror}") from None
+                (claimed / ".lock").unlink(missing_ok=True)
+                claimed.rmdir()
+                with contextlib.suppress(OSError):  # its log directory too, if empty
+                    self.log_dir.rmdir()
+            raise ConfigError(f"trainer.save_dir: cannot create {e.filename or self.save_dir}: {e.strerror}") from None
         if lock is None:
             raise ConfigError(f"{self.save_dir}: this run is being trained by another process (pid {owner}); "
                               "wait for it to end, or resume into another run with -c CONFIG -r CHECKPOINT")
-        write_json(self.config, self.save_dir / "config.json")
         return lock
 
 

@@ -180,14 +180,14 @@ def run(args, config, checkpoint, checkpoint_path, device, verbosity):
     except Preempted as e:
         sys.exit(128 + e.signum)
     except OSError as e:  # e.g. a full disk while writing a checkpoint or a log
-        error = TrainingError(f"{e.filename or 'run output'}: {e.strerror or e}; the checkpoints saved before are "
-                              "intact")
+        error = TrainingError(f"{os.fsdecode(e.filename or config.log_dir)}: {e.strerror or e}; the checkpoints "
+                              "saved before are intact")
         if e.errno is None:  # not the file system's: e.g. PIL's unreadable image (from a worker: with its traceback)
             error = TrainingError(f"data: {str(e).strip().splitlines()[-1]}; the checkpoints saved before are intact")
-        logger.error("error: %s", error)
+        logger.error("error: %s", error, extra={"file_only": True})
         raise error from None
     except (TrainingError, UserError) as e:  # e.g. a non-finite loss, or a DataError found while iterating
-        logger.error("error: %s", e)  # one line, also in info.log; run_main prints it and exits
+        logger.error("error: %s", e, extra={"file_only": True})  # for info.log; run_main prints it
         raise
     except Exception:
         logger.exception("Training failed")  # a bug: keep the traceback in info.log

@@ -3,6 +3,7 @@ and the progress bar the console shares with it."""
 import json
 import logging
 import logging.config
+import sys
 from pathlib import Path
 
 from tqdm import tqdm
@@ -20,10 +21,21 @@ class TqdmHandler(logging.StreamHandler):
     """Console handler that prints above a running progress bar instead of into its line."""
 
     def emit(self, record):
+        if getattr(record, "file_only", False):  # e.g. the error line a program prints itself on exit
+            return
         try:
             tqdm.write(self.format(record), file=self.stream)
         except Exception:
             self.handleError(record)
+
+
+class RunLogFile(logging.FileHandler):
+    """info.log. A write the disk refuses (full, or made read-only) is dropped instead of printing a traceback per
+    line: the run's next metrics.csv row or checkpoint meets the same fault and ends the run with one line."""
+
+    def handleError(self, record):
+        if not isinstance(sys.exc_info()[1], OSError):
+            super().handleError(record)
 
 
 def progress_bar(iterable=None, **kwargs):

@@ -2,6 +2,7 @@
 import csv
 import io
 import json
+import threading
 from pathlib import Path
 
 from utils.util import atomic_write_text
@@ -64,6 +65,7 @@ class RunOutputs:
                 events.pop().unlink()
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter  # slow to import: only when enabled
+            threading.excepthook = _quiet_writer_thread
             self.writer = SummaryWriter(str(log_dir), purge_step=resumed_at[1] + 1 if events else None)
 
     def write_epoch(self, log: dict, step: int, best=None):
@@ -109,3 +111,10 @@ def flatten(tree, prefix="") -> dict:
     if isinstance(tree, dict):
         return {k: v for key, value in tree.items() for k, v in flatten(value, f"{prefix}{key}.").items()}
     return {prefix[:-1]: json.dumps(tree) if isinstance(tree, list) else tree}
+
+
+def _quiet_writer_thread(args, default=threading.excepthook):
+    """TensorBoard's writer thread prints a failed write (a full disk, a read-only directory) as a traceback; the
+    trainer's next TensorBoard call raises the same error, which train.py reports in one line."""
+    if not (issubclass(args.exc_type, OSError) and type(args.thread).__name__ == "_AsyncWriterThread"):
+        default(args)

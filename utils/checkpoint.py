@@ -36,8 +36,6 @@ def supersede_after(run_dir, resumed: Path, position) -> list:
     """Move the run's checkpoints at or after `position`, but the `resumed` file, into a new
     <run_dir>/superseded/<time>/: a run resumed from an earlier point must not later resume (or prune) onto
     the future it abandoned, and a second such resume must not overwrite what the first one set aside."""
-    for stale in Path(run_dir).glob(".*.tmp"):  # a save cut short by a crash
-        stale.unlink()
     later = [p for p in list_checkpoints(run_dir) if _position(p) >= position and p.resolve() != resumed.resolve()]
     folder = claim_dir(Path(run_dir) / "superseded" / datetime.now().strftime("%Y%m%d_%H%M%S")) if later else None
     return [path.replace(folder / path.name) for path in later]  # the paths they now have

@@ -128,3 +128,27 @@ def check_type(value, types, at):
     if not isinstance(value, accepted) or isinstance(value, bool) and bool not in types:
         names = " or ".join("null" if t is type(None) else t.__name__ for t in types)
         raise ConfigError(f"{at}: expected {names}, got {json.dumps(value, default=str)[:80]}")
+
+
+def spec_of(value) -> dict:
+    """A {type, args} spec from a spec or a bare name."""
+    return {"type": value, "args": {}} if isinstance(value, str) else value
+
+
+def object_paths(config):
+    """The key path of every {type, args} (or bare name) the config asks to build."""
+    paths = ["arch", "optimizer", "loss"]
+    paths += [f"{key}.{i}" for key in ("metrics", "callbacks") for i in range(len(config[key]))]
+    if config["lr_scheduler"] is not None:  # SequentialLR and ChainedScheduler: their schedulers first
+        chain = [f"lr_scheduler.args.schedulers.{i}" for i in range(chain_length(config["lr_scheduler"]))]
+        paths += [*chain, "lr_scheduler"]
+    data = config["data_loader"]
+    paths += [f"data_loader.{k}" for k in ("dataset", "valid_dataset", "test_dataset") if data[k] is not None]
+    return paths + [f"data_loader.{k}.{i}" for k in ("train_transform", "eval_transform") for i in range(len(data[k]))]
+
+
+def chain_length(sched) -> int:
+    """How many specs (SequentialLR's, ChainedScheduler's schedulers) lr_scheduler.args.schedulers lists to build."""
+    args = sched.get("args")  # not checked yet: _check_spec comes after
+    inner = args.get("schedulers") if isinstance(args, dict) else None
+    return len(inner) if isinstance(inner, list) and all(isinstance(s, (str, dict)) for s in inner) else 0
