@@ -14,6 +14,7 @@ import torch
 
 from base.base_data_loader import LOADER_DEFAULTS
 from base.base_metric import snake_case
+from base.base_model import build_pretrained
 from base.base_trainer import EVENTS, TRAINER_DEFAULTS, BaseTrainer
 from utils.config_file import (apply_override, chain_length, check_keys, check_type, get_path, is_name,  # noqa: F401
                                load_config_file, object_paths, spec_of, where)
@@ -204,8 +205,10 @@ class ConfigParser:
         if overlap:
             raise ConfigError(f"{at}.args: {', '.join(sorted(overlap))} is set by the program, not the config")
         obj = self.resolve(path)
+        build = functools.partial(obj, *args, **{**{k: _arg(v) for k, v in spec["args"].items()}, **kwargs})
         try:
-            return obj(*args, **{**{k: _arg(v) for k, v in spec["args"].items()}, **kwargs})
+            weights = spec["args"].get("weights") if path == "arch" else None
+            return build_pretrained(build, obj, weights) if weights else build()
         except (TypeError, ValueError) as e:
             raise ConfigError(f"{at}.args: {spec['type']} rejected {json.dumps(spec['args'])[:200]}: "
                               f"{str(e)[:300]}") from None

@@ -44,11 +44,11 @@ def _in_repo_root():
 
 # ---- running the scripts ----------------------------------------------------------------------
 
-def run_script(script, *args, cwd=ROOT, timeout=300):
+def run_script(script, *args, cwd=ROOT, timeout=300, env=THREADS_ENV):
     """`python <script> args...` in a real subprocess (script relative to the repository root, or
     absolute); returns the CompletedProcess (text)."""
     return subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], cwd=cwd, capture_output=True,
-                          text=True, timeout=timeout, env=THREADS_ENV)
+                          text=True, timeout=timeout, env=env)
 
 
 def run_train(*args, **kwargs):

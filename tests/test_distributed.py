@@ -11,21 +11,21 @@ import torch
 import torch.distributed as tdist
 import torch.multiprocessing as mp
 
-from conftest import (ROOT, THREADS_ENV, Run, assert_ok, assert_same, assert_user_error, parse_config, run_train,
-                      without_time)
+from conftest import (ROOT, THREADS_ENV, Run, assert_ok, assert_same, assert_user_error, parse_config, run_script,
+                      run_train, without_time)
 
 FAST = ["trainer.tensorboard=false", "trainer.verbosity=1"]
 LINEAR = ["arch.type=LinearModel", "lr_scheduler=null", "trainer.monitor=off", "optimizer.type=SGD",
           'optimizer.args={"lr": 0.5}']
 
 
-def torchrun(*args, nproc=2, timeout=300, **popen):
+def torchrun(*args, nproc=2, timeout=300, cwd=ROOT, **popen):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           str(ROOT / "train.py"), *map(str, args)]
+           "train.py", *map(str, args)]
     env = dict(THREADS_ENV, PYTHONUNBUFFERED="1")
     if popen:
-        return subprocess.Popen(cmd, cwd=ROOT, env=env, text=True, **popen)
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+        return subprocess.Popen(cmd, cwd=cwd, env=env, text=True, **popen)
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.fixture(scope="module")
@@ -220,3 +220,29 @@ def test_preemption_as_a_scheduler_delivers_it_saves_once_and_leaves_a_marker(tm
     assert marker["signal"] == "SIGTERM" and "-step" in marker["checkpoint"], out[-3000:]
     assert run.checkpoint(marker["checkpoint"])["trainer"]["batches_done"] > 0
     assert out.count("Stopped by SIGTERM") == 1, out[-3000:]  # rank 0 only
+
+
+NAN_DIGITS = '''from data_loader.datasets import DigitsDataset
+
+
+class DigitsWithNaN(DigitsDataset):
+    def __init__(self, root="data/"):
+        super().__init__(root)
+        self.tensors[0][1] = float("nan")  # unshuffled and unsplit: in rank 1's first batch only
+'''
+
+
+def test_a_nan_on_one_rank_stops_every_rank_at_the_same_step_with_one_line(tmp_path):
+    project = tmp_path / "project"
+    assert_ok(run_script("new_project.py", project))
+    (project / "data_loader" / "nan_digits.py").write_text(NAN_DIGITS)
+    result = torchrun("-c", "config.json", "--run-id", "n", f"trainer.save_dir={tmp_path / 'saved'}",
+                      "data_loader.dataset.type=DigitsWithNaN", "data_loader.shuffle=false", "trainer.log_step=1",
+                      "data_loader.validation_split=0", "data_loader.test_split=0", "trainer.monitor=off", *FAST,
+                      cwd=project)
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 2 and all("non-finite training loss in epoch 1, at or before step 1 " in e for e in errors), \
+        result.stderr[-3000:]  # each rank's one line, at the same step
+    assert "Connection closed" not in result.stderr and "Traceback" not in result.stderr.split("error: ")[0]
+    assert "non-finite training loss" in (Run(tmp_path / "saved", "n").log_dir / "info.log").read_text()

@@ -1,7 +1,6 @@
 """What the programs build alike: the loss, metrics and callbacks a config names, and a trained run loaded back
 (test.py, export.py, predict.py): its config, its model with the chosen weights, the Trainer class it trained
 with; or an exported model (model.ts, model.pt2, model.onnx from export.py) with its model.json."""
-import functools
 import hashlib
 import json
 import pickle
@@ -17,7 +16,7 @@ from parse_config import ConfigParser
 from utils.checkpoint import find_checkpoint, load_checkpoint, load_model_state, model_weights
 from utils.errors import ConfigError, DataError
 from utils.registry import Registry
-from utils.util import prepare_device
+from utils.util import prepare_device, weights_only_loads
 
 Run = namedtuple("Run", "config path checkpoint model trainer device")
 
@@ -54,10 +53,6 @@ def load_run(resume, overrides=(), weights="model", device=None, logger=None) ->
 ARTIFACTS = (".ts", ".pt2", ".onnx")  # what export.py writes: TorchScript, torch.export, ONNX
 
 
-def _weights_only_load(load, *args, **kwargs):
-    return load(*args, **{**kwargs, "weights_only": True})
-
-
 def load_exported(path, device="cpu"):
     """An exported model loaded back, as a function of an input batch (export.py verifies it, predict.py runs it)."""
     if path.suffix == ".ts":
@@ -70,11 +65,8 @@ def load_exported(path, device="cpu"):
             if any(Path(n).name.startswith((CUSTOM_OBJ_FILENAME_PREFIX, OPAQUE_OBJ_FILENAME_PREFIX))
                    for n in archive.namelist()):
                 raise pickle.UnpicklingError("it holds custom objects, which only plain pickle loads")
-        load, torch.load = torch.load, functools.partial(_weights_only_load, torch.load)
-        try:
+        with weights_only_loads():
             return torch.export.load(str(path)).module().to(device)
-        finally:
-            torch.load = load
     import onnxruntime  # the CPU build the README's set-up installs: outputs come back on the CPU
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     inputs = session.get_inputs()

@@ -1,4 +1,5 @@
 """Small helpers with side effects, kept in one place: files, RNG state, devices, batches."""
+import contextlib
 import fcntl
 import itertools
 import json
@@ -30,6 +31,20 @@ def atomic_write_bytes(data: bytes, path) -> None:
         if isinstance(e, OSError):  # name the file being written, not the temp file
             raise OSError(e.errno, e.strerror, str(path)) from None
         raise
+
+
+@contextlib.contextmanager
+def weights_only_loads():
+    """Every torch.load inside loads with weights_only=True (no code runs from a file), also where a library asks
+    for False: torch.hub's weights loader does, torch.export.load retries a refused pickle with it."""
+    old = os.environ.pop("TORCH_FORCE_WEIGHTS_ONLY_LOAD", None)
+    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"  # torch.load reads it at each call
+    try:
+        yield
+    finally:
+        del os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"]
+        if old is not None:
+            os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = old
 
 
 def atomic_link(source: Path, path: Path) -> bool:
