@@ -78,7 +78,10 @@ def with_defaults(raw):
 
 
 def _arg(value):
-    """A string naming a torch dtype ("torch.float32") becomes that dtype; JSON cannot hold one."""
+    """A string naming a torch dtype ("torch.float32") becomes that dtype, also inside a dict or list (ToDtype's
+    per-type dtypes); JSON cannot hold one."""
+    if isinstance(value, (dict, list)):
+        return {k: _arg(v) for k, v in value.items()} if isinstance(value, dict) else [_arg(v) for v in value]
     dtype = getattr(torch, value[6:], None) if isinstance(value, str) and value.startswith("torch.") else None
     return dtype if isinstance(dtype, torch.dtype) else value
 
@@ -197,6 +200,10 @@ class ConfigParser:
             (signature.bind_partial if partial else signature.bind)(*given, **value["args"], **given_kw)
         except TypeError as e:
             raise ConfigError(f"{at}.args: {e} (signature: {value['type']}{signature})") from None
+        for name, arg in value["args"].items():  # JSON holds no function: a name given for one fails mid-run
+            if "Callable" in str(getattr(signature.parameters.get(name), "annotation", "")) and arg is not None:
+                raise ConfigError(f"{at}.args.{name}: {value['type']} expects a function here, which a config cannot "
+                                  f"hold (got {json.dumps(arg)[:80]}); define a class in your project instead")
 
     def init_obj(self, path, *args, **kwargs):
         """Build the spec at `path`: type(*args, **config args, **kwargs); runtime objects never come via config."""
@@ -208,16 +215,17 @@ class ConfigParser:
         build = functools.partial(obj, *args, **{**{k: _arg(v) for k, v in spec["args"].items()}, **kwargs})
         try:
             weights = spec["args"].get("weights") if path == "arch" else None
-            return build_pretrained(build, obj, weights) if weights else build()
+            built = build_pretrained(build, obj, weights) if weights else build()
         except (TypeError, ValueError) as e:
             raise ConfigError(f"{at}.args: {spec['type']} rejected {json.dumps(spec['args'])[:200]}: "
                               f"{str(e)[:300]}") from None
-        except (OSError, RuntimeError) as e:  # a dataset's missing files, a failed download
+        except (OSError, RuntimeError, MemoryError) as e:  # a dataset's missing files; a tensor too large, or < 0
             data = path.startswith("data_loader")
-            if isinstance(e, RuntimeError) and not data:
-                raise
             raise (DataError if data else ConfigError)(
                 f"{at}: {spec['type']} failed: {str(e).strip()[:300]}{_files_hint(obj, spec)}") from None
+        if path == "arch" and any(t.is_meta for t in built.state_dict().values()):
+            raise ConfigError(f"{at}: {spec['type']} made tensors on the meta device, which hold no values")
+        return built
 
     def init_scheduler(self, optimizer):
         """lr_scheduler on `optimizer`; for SequentialLR and ChainedScheduler, the schedulers of its args first."""

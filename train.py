@@ -103,10 +103,18 @@ def dry_run(trainer, batches):
     trainer.cfg = {**trainer.cfg, "save_every_steps": 0}  # no checkpoints: a dry run has no run directory
     trainer.batches_done = 0
     trainer.callback("on_train_start")
-    trainer.logger.info("dry run: %d training batches: %s", batches, trainer.train_epoch(trainer.epoch + 1, batches)[0])
+    try:
+        train_log = trainer.train_epoch(trainer.epoch + 1, batches)[0]
+    except IndexError as e:
+        raise TrainingError(f"{e} ({LABEL_HINT})") from None
+    trainer.logger.info("dry run: %d training batches: %s", batches, train_log)
     if trainer.valid_data_loader is not None:
         valid = trainer.evaluate(trainer.valid_data_loader, max_batches=batches)
         trainer.logger.info("dry run: %d validation batches: %s", batches, valid)
+
+
+# CrossEntropyLoss's IndexError "Target 6 is out of bounds": a label the model has no output for
+LABEL_HINT = "is a label >= the model's number of outputs? compare arch.args.num_classes with the data's labels"
 
 
 def main(argv=None):
@@ -189,6 +197,9 @@ def run(args, config, checkpoint, checkpoint_path, device, verbosity):
     except (TrainingError, UserError) as e:  # e.g. a non-finite loss, or a DataError found while iterating
         logger.error("error: %s", e, extra={"file_only": True})  # for info.log; run_main prints it
         raise
+    except IndexError as e:
+        logger.exception("Training failed", extra={"file_only": True})  # the traceback, for info.log only
+        raise TrainingError(f"{e} ({LABEL_HINT}; the traceback is in info.log)") from None
     except Exception:
         logger.exception("Training failed")  # a bug: keep the traceback in info.log
         raise

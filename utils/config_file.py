@@ -27,6 +27,8 @@ def load_config_file(path):
         raise ConfigError(f"{path}:{e.lineno}:{e.colno}: invalid JSON: {e.msg}") from None
     except RecursionError:
         raise ConfigError(f"{path}: nested too deeply; not a config") from None
+    except ValueError as e:  # e.g. an integer of more than 4,300 digits (Python's limit on converting them)
+        raise ConfigError(f"{path}: {str(e).split(';')[0][:200]}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the config must be a mapping of keys to values")
     check_size(data, str(path))
@@ -69,6 +71,8 @@ def apply_override(config, item, params):
         value = json.loads(raw)
     except json.JSONDecodeError:
         value = raw
+    except ValueError as e:  # an integer of more than 4,300 digits
+        raise ConfigError(f"override {key[:80]!r}: {str(e).split(';')[0][:200]}") from None
     node = config
     for i, part in enumerate(path[:-1]):
         is_index = isinstance(node, list) and part.isdigit() and int(part) < len(node)
