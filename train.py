@@ -14,6 +14,7 @@ from logger import setup_logging
 from parse_config import ConfigParser, load_config_file
 from utils import prepare_device, seed_everything
 from utils.checkpoint import find_checkpoint, latest_checkpoint, load_checkpoint, load_model_state
+from utils.config_file import spec_of
 from utils.errors import ConfigError, TrainingError, UserError, run_main
 from utils.preemption import Preempted
 from utils.registry import Registry
@@ -150,7 +151,10 @@ def run(args, config, checkpoint, checkpoint_path, device, verbosity):
     logger.info("Data: %d training, %d validation samples; %d loader worker(s) (data_loader.num_workers: %s)",
                 len(datasets["train"]), len(datasets["valid"] or ()), data_loader.num_workers,
                 config["data_loader"]["num_workers"])
-    model = config.init_obj("arch")
+    model, data = config.init_obj("arch"), describe(datasets)
+    n_outputs, classes = spec_of(config["arch"])["args"].get("num_classes"), data["class_names"]
+    if classes and isinstance(n_outputs, int) and n_outputs != len(classes) and dist.is_main_process():
+        logger.warning("arch.args.num_classes is %d, but the data has %d classes", n_outputs, len(classes))
     if checkpoint is not None and not config.resume:  # fine-tuning: weights only
         load_model_state(model, checkpoint["model"], checkpoint_path, checkpoint["arch"])
     logger.info(model)
@@ -164,7 +168,7 @@ def run(args, config, checkpoint, checkpoint_path, device, verbosity):
     optimizer = config.init_obj("optimizer", [p for p in model.parameters() if p.requires_grad])
     lr_scheduler = config.init_scheduler(optimizer) if config["lr_scheduler"] else None
     trainer = config.resolve("trainer")(model, criterion, metrics, optimizer, config, device, data_loader,
-                                        valid_data_loader, lr_scheduler, build_callbacks(config), describe(datasets))
+                                        valid_data_loader, lr_scheduler, build_callbacks(config), data)
     if config.resume:
         trainer.load_state_dict(checkpoint, checkpoint_path)
     if args.dry_run:

@@ -3,7 +3,7 @@ for a run that fails mid-way), and nothing written."""
 import pytest
 import torch
 
-from conftest import main_error, parse_config, run_train
+from conftest import main_error, make_image_folder, parse_config, run_train
 
 LINEAR = ["arch.type=torch.nn.Linear"]
 CASES = {  # name: (overrides, what the one line names)
@@ -64,3 +64,15 @@ def test_labels_beyond_the_model_outputs_are_one_line_with_the_traceback_in_info
     else:
         assert "IndexError: Target " in (save_dir / "log" / "Digits_CNN" / "r" / "info.log").read_text()
         assert not list(save_dir.rglob("*.pth"))
+
+
+@pytest.mark.parametrize("num_classes", [10, 3])
+def test_a_model_sized_for_other_classes_than_the_data_has_gets_a_warning(tmp_path, num_classes):
+    images = make_image_folder(tmp_path / "images", counts=(("train", 4),))  # 3 class folders
+    result = run_train("-c", "configs/image_folder.json", "--dry-run", "arch.type=torchvision.models.mobilenet_v3_small",
+                       f"arch.args.num_classes={num_classes}", f"data_loader.dataset.args.root={images / 'train'}",
+                       "data_loader.valid_dataset=null", "data_loader.test_dataset=null", "data_loader.batch_size=4",
+                       "data_loader.num_workers=0", "trainer.monitor=off", f"trainer.save_dir={tmp_path / 'saved'}")
+    assert result.returncode == 0, result.stderr
+    warned = "arch.args.num_classes is 10, but the data has 3 classes" in result.stdout + result.stderr
+    assert warned == (num_classes == 10), result.stdout + result.stderr

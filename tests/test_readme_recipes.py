@@ -35,7 +35,8 @@ def make_data(project):
     rng = np.random.default_rng(0)
     x = rng.normal(size=(300, 20)).astype(np.float32)
     y = (x[:, :3] @ rng.normal(size=(3, 3))).argmax(1)
-    np.savetxt(project / "data" / "features.csv", np.column_stack([x, y]), delimiter=",", fmt="%.5f")
+    np.savetxt(project / "data" / "features.csv", np.column_stack([x, y]), delimiter=",", fmt="%.5f",
+               header=",".join([*(f"x{i}" for i in range(20)), "label"]), comments="")  # a header line, as is usual
     for c in range(3):
         folder = project / "data" / "image_folder" / "train" / f"class{c}"
         folder.mkdir(parents=True)
