@@ -22,9 +22,10 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from base.base_data_loader import auto_workers, make_datasets, make_loader, make_transform, source_of
+from base.base_data_loader import auto_workers, fingerprint, make_datasets, make_loader, make_transform, source_of
 from data_loader.inputs import Inputs, list_inputs
 from logger import progress_bar
+from utils.checkpoint import check_data
 from utils.errors import ConfigError, DataError, run_main
 from utils.run import ARTIFACTS, load_artifact, load_run
 from utils.util import atomic_write_text, to_device
@@ -175,6 +176,9 @@ def main(argv=None):
         raise ConfigError("data_loader: no test data (set data_loader.test_split or data_loader.test_dataset); "
                           "or name inputs to predict")
     else:
+        if not artifact:  # as test.py: the test split must hold the samples it held when the checkpoint was saved
+            check_data({"data": info}, args.resume, {"test": fingerprint(test)}, ["test"], "it may hold training "
+                       "samples now; name the inputs to predict instead")
         results = predict_test_split(config, step, device, test)
     with torch.no_grad():
         rows = list(to_rows(results, classes, args.top_k))

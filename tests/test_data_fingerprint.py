@@ -46,6 +46,7 @@ def test_the_checkpoint_records_each_split_the_input_and_the_class_names(trained
 
 @pytest.mark.parametrize("change", ["added", "removed", "renamed"])
 def test_resume_and_test_py_refuse_changed_data_and_change_nothing(trained, capsys, change):
+    import predict
     import test as test_script
     import train
     root, saved, run = trained
@@ -62,6 +63,8 @@ def test_resume_and_test_py_refuse_changed_data_and_change_nothing(trained, caps
     assert "the train split is not the data of" in err and "then: 18 samples" in err, err
     status, err = main_error(test_script.main, ["-r", run / "checkpoint-epoch1.pth"], capsys)
     assert status == 2 and "the test split is not the data of" in err and "then: 6 samples" in err, err
+    status, err = main_error(predict.main, ["-r", run / "checkpoint-epoch1.pth"], capsys)  # its accuracy line too
+    assert status == 2 and "the test split is not the data of" in err and "then: 6 samples" in err, err
     assert digest(saved) == before  # nothing written, nothing moved
     # fine-tuning on the new data is a new run, and allowed (one batch an epoch: BatchNorm needs 2 samples)
     call_main(train.main, [*split_config(root, saved), "-r", run / "checkpoint-epoch1.pth", "--run-id", "tuned",
@@ -70,12 +73,15 @@ def test_resume_and_test_py_refuse_changed_data_and_change_nothing(trained, caps
 
 
 def test_unchanged_data_resumes_and_tests(trained):
+    import predict
     import test as test_script
     import train
     run = trained[2]
     call_main(train.main, ["-r", run / "checkpoint-epoch1.pth", "trainer.epochs=2"])
     assert (run / "checkpoint-epoch2.pth").is_file()
     assert call_main(test_script.main, ["-r", run / "checkpoint-epoch2.pth"])["n_samples"] == 6
+    call_main(predict.main, ["-r", run / "checkpoint-epoch2.pth"])
+    assert len((run / "predictions.csv").read_text().splitlines()) == 1 + 6
 
 
 def test_a_tensor_dataset_split_is_told_by_its_indices():
