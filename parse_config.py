@@ -17,7 +17,7 @@ from base.base_metric import snake_case
 from base.base_model import build_pretrained
 from base.base_trainer import EVENTS, TRAINER_DEFAULTS, BaseTrainer
 from utils.config_file import (apply_override, chain_length, check_keys, check_type, get_path, is_name,  # noqa: F401
-                               load_config_file, object_paths, spec_of, where)
+                               load_config_file, object_paths, spec_of, takes_functions, where)
 from utils.errors import REQUIRED, ConfigError, DataError
 from utils.util import claim_dir, lock_dir, write_json
 
@@ -201,7 +201,8 @@ class ConfigParser:
         except TypeError as e:
             raise ConfigError(f"{at}.args: {e} (signature: {value['type']}{signature})") from None
         for name, arg in value["args"].items():  # JSON holds no function: a name given for one fails mid-run
-            if "Callable" in str(getattr(signature.parameters.get(name), "annotation", "")) and arg is not None:
+            param = signature.parameters.get(name)
+            if param is not None and takes_functions(param.annotation) and arg is not None:
                 raise ConfigError(f"{at}.args.{name}: {value['type']} expects a function here, which a config cannot "
                                   f"hold (got {json.dumps(arg)[:80]}); define a class in your project instead")
 

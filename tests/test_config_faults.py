@@ -76,3 +76,9 @@ def test_a_model_sized_for_other_classes_than_the_data_has_gets_a_warning(tmp_pa
     assert result.returncode == 0, result.stderr
     warned = "arch.args.num_classes is 10, but the data has 3 classes" in result.stdout + result.stderr
     assert warned == (num_classes == 10), result.stdout + result.stderr
+
+
+def test_an_argument_that_takes_a_function_or_a_name_still_takes_the_name():
+    config = parse_config("arch.type=torch.nn.TransformerEncoderLayer",  # activation: str | Callable
+                          'arch.args={"d_model": 8, "nhead": 2, "activation": "gelu"}')
+    assert config.init_obj("arch").activation is torch.nn.functional.gelu

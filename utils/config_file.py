@@ -1,6 +1,9 @@
 """Config text and the command line: read a JSON or YAML file, apply KEY.PATH=VALUE overrides."""
+import collections.abc
 import difflib
 import json
+import types
+import typing
 from pathlib import Path
 
 from utils.errors import ConfigError
@@ -156,3 +159,10 @@ def chain_length(sched) -> int:
     args = sched.get("args")  # not checked yet: _check_spec comes after
     inner = args.get("schedulers") if isinstance(args, dict) else None
     return len(inner) if isinstance(inner, list) and all(isinstance(s, (str, dict)) for s in inner) else 0
+
+
+def takes_functions(annotation) -> bool:
+    """True for a parameter annotated as taking a function (or None) and nothing else: no string, no number."""
+    union = typing.get_origin(annotation) in (typing.Union, types.UnionType)
+    kinds = typing.get_args(annotation) if union else (annotation,)
+    return all(k is type(None) or typing.get_origin(k) is collections.abc.Callable for k in kinds)
