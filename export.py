@@ -92,14 +92,10 @@ def main(argv=None):
         results[fmt] = {"file": out.name, "sha256": file_sha256(tmp), "max_abs_diff": diff, "verified": ok}
         ready[tmp] = out
         failed += [] if ok else [fmt]
-    # One set from one checkpoint: model.json goes first (predict.py refuses what no model.json vouches for, so a
-    # kill from here on leaves files it refuses, never a mixed set it runs), then every format's earlier file
-    # (another checkpoint's), then the new files move into place and model.json names them with their checksums.
-    (path.parent / "model.json").unlink(missing_ok=True)
-    for stale in [path.parent / name for name in FORMATS.values() if path.parent / name not in ready.values()]:
-        if stale.exists():
-            stale.unlink()
-            print(f"removed {stale} (an earlier export's)")
+    # One set from one checkpoint. predict.py runs only a file whose checksum model.json lists, so at any instant
+    # of a kill it runs the old set's files (until model.json is replaced) or the new set's, never a mix: the new
+    # files move into place (each rename atomic; a moved one no longer matches the old model.json), model.json is
+    # replaced in one rename, then the formats of an earlier export that this one did not write are deleted.
     for tmp, out in ready.items():
         os.replace(tmp, out)
     # the config is there so that predict.py on an artifact builds the same transforms
@@ -108,6 +104,10 @@ def main(argv=None):
                     eval_transform=config["data_loader"]["eval_transform"],
                     class_names=run.checkpoint["data"]["class_names"],
                     tolerance=args.tolerance, formats=results, config=config.config), path.parent / "model.json")
+    for stale in [path.parent / name for name in FORMATS.values() if path.parent / name not in ready.values()]:
+        if stale.exists():
+            stale.unlink()
+            print(f"removed {stale} (an earlier export's)")
     if failed:
         print(f"error: not exported or not verified: {', '.join(failed)}", file=sys.stderr)
     return 1 if failed else 0

@@ -133,6 +133,27 @@ def test_an_export_is_one_set_that_predict_checks(run, rows, tmp_path, capsys):
     one_line(capsys, ["-r", folder / "model.onnx", rows], "not the file model.json vouches for")
 
 
+def test_an_export_stopped_before_model_json_leaves_the_old_set_predictable(run, rows, tmp_path, capsys, monkeypatch):
+    """The process dies after the new files moved into place, before model.json is replaced (the last step but the
+    clean-up): what predict still runs is the old set's, what it refuses is the new set's moved files."""
+    folder = tmp_path / "run"
+    shutil.copytree(run, folder)
+    call_main(predict.main, ["-r", folder / "model.ts", rows, "-o", tmp_path / "before.csv"])
+    other = torch.load(folder / "checkpoint-epoch3.pth", weights_only=True)  # other weights: other files
+    other["model"] = {k: v + 0.01 if v.is_floating_point() else v for k, v in other["model"].items()}
+    torch.save(other, folder / "checkpoint-other.pth")
+
+    def killed(*args):
+        raise KeyboardInterrupt  # stands for the kill: nothing after this point runs
+    monkeypatch.setattr(export, "write_json", killed)
+    with pytest.raises(KeyboardInterrupt):
+        call_main(export.main, ["-r", folder / "checkpoint-other.pth", "--format", "onnx"])
+    assert json.loads((folder / "model.json").read_text())["checkpoint"] == "model_best.pth"  # the old set's
+    call_main(predict.main, ["-r", folder / "model.ts", rows, "-o", tmp_path / "after.csv"])
+    assert read_csv(tmp_path / "after.csv") == read_csv(tmp_path / "before.csv")
+    one_line(capsys, ["-r", folder / "model.onnx", rows], "not the file model.json vouches for")
+
+
 def test_an_unverified_artifact_is_refused(run, rows, tmp_path, capsys):
     folder = tmp_path / "run"
     shutil.copytree(run, folder)
