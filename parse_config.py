@@ -6,6 +6,7 @@ import contextlib
 import copy
 import functools
 import inspect
+import itertools
 import json
 from datetime import datetime
 from pathlib import Path
@@ -222,9 +223,11 @@ class ConfigParser:
                               f"{str(e)[:300]}") from None
         except (OSError, RuntimeError, MemoryError) as e:  # a dataset's missing files; a tensor too large, or < 0
             data = path.startswith("data_loader")
+            if isinstance(e, RuntimeError) and not data and not getattr(obj, "__module__", "").startswith("torch"):
+                raise  # raised by the project's own code: a bug, with its traceback
             raise (DataError if data else ConfigError)(
                 f"{at}: {spec['type']} failed: {str(e).strip()[:300]}{_files_hint(obj, spec)}") from None
-        if path == "arch" and any(t.is_meta for t in built.state_dict().values()):
+        if path == "arch" and any(t.is_meta for t in itertools.chain(built.parameters(), built.buffers())):
             raise ConfigError(f"{at}: {spec['type']} made tensors on the meta device, which hold no values")
         return built
 
@@ -277,9 +280,9 @@ class ConfigParser:
             if lock is not None:
                 lock.close()
             if claimed is not None:
-                (claimed / ".lock").unlink(missing_ok=True)
-                claimed.rmdir()
-                with contextlib.suppress(OSError):  # its log directory too, if empty
+                with contextlib.suppress(OSError):  # the run directory and its log directory, if empty
+                    (claimed / ".lock").unlink(missing_ok=True)
+                    claimed.rmdir()
                     self.log_dir.rmdir()
             raise ConfigError(f"trainer.save_dir: cannot create {e.filename or self.save_dir}: {e.strerror}") from None
         if lock is None:

@@ -107,6 +107,8 @@ def dry_run(trainer, batches):
     try:
         train_log = trainer.train_epoch(trainer.epoch + 1, batches)[0]
     except IndexError as e:
+        if "out of bounds" not in str(e):
+            raise
         raise TrainingError(f"{e} ({LABEL_HINT})") from None
     trainer.logger.info("dry run: %d training batches: %s", batches, train_log)
     if trainer.valid_data_loader is not None:
@@ -114,7 +116,7 @@ def dry_run(trainer, batches):
         trainer.logger.info("dry run: %d validation batches: %s", batches, valid)
 
 
-# CrossEntropyLoss's IndexError "Target 6 is out of bounds": a label the model has no output for
+# CrossEntropyLoss's IndexError "Target 6 is out of bounds" (on the CPU): a label the model has no output for
 LABEL_HINT = "is a label >= the model's number of outputs? compare arch.args.num_classes with the data's labels"
 
 
@@ -201,11 +203,11 @@ def run(args, config, checkpoint, checkpoint_path, device, verbosity):
     except (TrainingError, UserError) as e:  # e.g. a non-finite loss, or a DataError found while iterating
         logger.error("error: %s", e, extra={"file_only": True})  # for info.log; run_main prints it
         raise
-    except IndexError as e:
-        logger.exception("Training failed", extra={"file_only": True})  # the traceback, for info.log only
-        raise TrainingError(f"{e} ({LABEL_HINT}; the traceback is in info.log)") from None
-    except Exception:
-        logger.exception("Training failed")  # a bug: keep the traceback in info.log
+    except Exception as e:  # a bug: keep the traceback in info.log
+        label = isinstance(e, IndexError) and "out of bounds" in str(e)
+        logger.exception("Training failed", extra={"file_only": label})  # a label error: one line on the console
+        if label:
+            raise TrainingError(f"{e} ({LABEL_HINT}; the traceback is in info.log)") from None
         raise
     finally:
         if lock is not None:

@@ -28,11 +28,11 @@ def build_pretrained(build, builder, weights):
     except (ValueError, KeyError, TypeError, AttributeError):  # no weights of that name: torchvision's error says so
         return build()
     file = Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(url).path).name
-    created = [d for d in (file.parent, *file.parents) if not d.exists()]  # deepest first
+    created = [d for d in file.parents if not d.exists()]  # deepest first
     try:
         with weights_only_loads():
             return build()
-    except (pickle.UnpicklingError, RuntimeError) as e:  # a pickle that needs code to load, or not torch's file
+    except pickle.UnpicklingError as e:  # a pickle that needs code to load, or not a pickle at all
         raise DataError(f"{file}: refused: not a weights file that loads without running code "
                         f"({str(e).strip().splitlines()[0][:200]}); delete it") from None
     except OSError as e:  # urllib's URLError is one

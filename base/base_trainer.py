@@ -229,7 +229,9 @@ class BaseTrainer:
         """Every log_step steps progress and a finite-loss check; a mid-epoch checkpoint when due or signalled."""
         log_now = (self.global_step - 1) % self.cfg["log_step"] == 0
         if log_now:  # note: a host-device sync point, so only every log_step steps
-            sums = dist.all_reduce(self.metrics.metrics["loss"].sums.clone())  # all processes': a NaN on one stops all
+            sums = self.metrics.metrics["loss"].sums  # None on a rank that had only padding so far
+            sums = torch.zeros(2, dtype=torch.float64, device=self.device) if sums is None else sums.clone()
+            sums = dist.all_reduce(sums)  # all processes': a NaN on one stops them all
             step_loss, running = torch.stack([loss.detach().float(), sums[0] / sums[1]]).tolist()
             if not math.isfinite(running):  # the running mean covers every step of the epoch so far
                 raise TrainingError(f"non-finite training loss in epoch {epoch}, at or before step {self.global_step} "

@@ -1,5 +1,6 @@
 """Per-epoch outputs of a run (rank 0): TensorBoard event files and metrics.csv."""
 import csv
+import functools
 import io
 import json
 import threading
@@ -65,7 +66,8 @@ class RunOutputs:
                 events.pop().unlink()
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter  # slow to import: only when enabled
-            threading.excepthook = _quiet_writer_thread
+            if getattr(threading.excepthook, "func", None) is not _quiet_writer_thread:  # wrap the hook in place once
+                threading.excepthook = functools.partial(_quiet_writer_thread, threading.excepthook)
             self.writer = SummaryWriter(str(log_dir), purge_step=resumed_at[1] + 1 if events else None)
 
     def write_epoch(self, log: dict, step: int, best=None):
@@ -113,7 +115,7 @@ def flatten(tree, prefix="") -> dict:
     return {prefix[:-1]: json.dumps(tree) if isinstance(tree, list) else tree}
 
 
-def _quiet_writer_thread(args, default=threading.excepthook):
+def _quiet_writer_thread(default, args):
     """TensorBoard's writer thread prints a failed write (a full disk, a read-only directory) as a traceback; the
     trainer's next TensorBoard call raises the same error, which train.py reports in one line."""
     if not (issubclass(args.exc_type, OSError) and type(args.thread).__name__ == "_AsyncWriterThread"):

@@ -49,9 +49,20 @@ def test_a_planted_weights_file_runs_no_code_and_is_one_line(tmp_path, monkeypat
     assert "TORCH_FORCE_WEIGHTS_ONLY_LOAD" not in os.environ  # set only while the file loads
 
 
+def test_a_user_setting_of_the_opposite_variable_is_set_aside_while_loading_and_restored(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")  # torch refuses both set at once
+    from torchvision.models import squeezenet1_1
+    hub_file(tmp_path).parent.mkdir(parents=True)
+    torch.save(squeezenet1_1().state_dict(), hub_file(tmp_path))
+    parse_config(*ARCH).init_obj("arch")
+    assert os.environ["TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"] == "1" and "TORCH_FORCE_WEIGHTS_ONLY_LOAD" not in os.environ
+
+
 def test_offline_the_line_names_the_file_to_place_and_no_directory_is_left(tmp_path):
     home = tmp_path / "torch"  # does not exist: torch.hub would create it and hub/checkpoints
-    env = dict(THREADS_ENV, TORCH_HOME=str(home), https_proxy="http://127.0.0.1:9", HTTPS_PROXY="http://127.0.0.1:9")
+    proxy = "http://127.0.0.1:9"  # a closed port: offline on any machine
+    env = dict(THREADS_ENV, TORCH_HOME=str(home), https_proxy=proxy, HTTPS_PROXY=proxy, no_proxy="", NO_PROXY="")
     result = run_train("-c", "config.json", "--dry-run", f"trainer.save_dir={tmp_path / 'saved'}", *ARCH, env=env)
     assert_user_error(result, "arch.args.weights: cannot download https://", f"place that file at {hub_file(home)}")
     assert not home.exists() and not (tmp_path / "saved").exists()

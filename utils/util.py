@@ -37,14 +37,14 @@ def atomic_write_bytes(data: bytes, path) -> None:
 def weights_only_loads():
     """Every torch.load inside loads with weights_only=True (no code runs from a file), also where a library asks
     for False: torch.hub's weights loader does, torch.export.load retries a refused pickle with it."""
-    old = os.environ.pop("TORCH_FORCE_WEIGHTS_ONLY_LOAD", None)
+    keys = ("TORCH_FORCE_WEIGHTS_ONLY_LOAD", "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD")  # torch refuses both set at once
+    saved = {key: os.environ.pop(key) for key in keys if key in os.environ}
     os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"  # torch.load reads it at each call
     try:
         yield
     finally:
-        del os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"]
-        if old is not None:
-            os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = old
+        os.environ.pop("TORCH_FORCE_WEIGHTS_ONLY_LOAD", None)
+        os.environ.update(saved)
 
 
 def atomic_link(source: Path, path: Path) -> bool:
