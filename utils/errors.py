@@ -32,7 +32,8 @@ def run_main(main, argv=None):
         return main(argv)
     except (UserError, TrainingError) as e:
         text = " ".join(str(e).split())  # one line, of bounded length, whatever the message quotes
-        print(f"error: {text[:1000]}{'...' if len(text) > 1000 else ''}", file=sys.stderr)
+        # one write of the whole line: under torchrun the ranks share stderr, and print() writes the newline apart
+        sys.stderr.write(f"error: {text[:1000]}{'...' if len(text) > 1000 else ''}\n")
         status = 2 if isinstance(e, UserError) else 1
     except KeyboardInterrupt:
         status = 130
