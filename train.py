@@ -107,17 +107,22 @@ def dry_run(trainer, batches):
     try:
         train_log = trainer.train_epoch(trainer.epoch + 1, batches)[0]
     except IndexError as e:
-        if "out of bounds" not in str(e):
+        if (error := label_error(e)) is None:
             raise
-        raise TrainingError(f"{e} ({LABEL_HINT})") from None
+        raise error from None
     trainer.logger.info("dry run: %d training batches: %s", batches, train_log)
     if trainer.valid_data_loader is not None:
         valid = trainer.evaluate(trainer.valid_data_loader, max_batches=batches)
         trainer.logger.info("dry run: %d validation batches: %s", batches, valid)
 
 
-# CrossEntropyLoss's IndexError "Target 6 is out of bounds" (on the CPU): a label the model has no output for
-LABEL_HINT = "is a label >= the model's number of outputs? compare arch.args.num_classes with the data's labels"
+def label_error(e):
+    """The one-line TrainingError for CrossEntropyLoss's IndexError "Target 6 is out of bounds" (on the CPU): a label
+    the model has no output for. None for any other error, which keeps its traceback."""
+    if isinstance(e, IndexError) and "out of bounds" in str(e):
+        return TrainingError(f"{e} (is a label >= the model's number of outputs? compare arch.args.num_classes with "
+                             "the data's labels)")
+    return None
 
 
 def main(argv=None):
@@ -204,10 +209,10 @@ def run(args, config, checkpoint, checkpoint_path, device, verbosity):
         logger.error("error: %s", e, extra={"file_only": True})  # for info.log; run_main prints it
         raise
     except Exception as e:  # a bug: keep the traceback in info.log
-        label = isinstance(e, IndexError) and "out of bounds" in str(e)
-        logger.exception("Training failed", extra={"file_only": label})  # a label error: one line on the console
-        if label:
-            raise TrainingError(f"{e} ({LABEL_HINT}; the traceback is in info.log)") from None
+        error = label_error(e)
+        logger.exception("Training failed", extra={"file_only": error is not None})  # a label's: one console line
+        if error is not None:
+            raise TrainingError(f"{error}; the traceback is in info.log") from None
         raise
     finally:
         if lock is not None:
