@@ -13,30 +13,16 @@ from pathlib import Path
 
 import torch
 
-from base.base_data_loader import LOADER_DEFAULTS
 from base.base_metric import snake_case
 from base.base_model import build_pretrained
-from base.base_trainer import EVENTS, TRAINER_DEFAULTS, BaseTrainer
+from base.base_trainer import EVENTS, BaseTrainer
 from utils.config_file import (apply_override, chain_length, check_keys, check_type, get_path, is_name,  # noqa: F401
                                load_config_file, object_paths, spec_of, takes_functions, where)
 from utils.errors import REQUIRED, ConfigError, DataError
+from utils.schema import LOADER_DEFAULTS, TOP_LEVEL, TRAINER_DEFAULTS
+from utils.sharding import restore_or_remove
 from utils.util import claim_dir, lock_dir, write_json
 
-# key: (default, allowed type(s), description). The README's config reference mirrors these tables.
-TOP_LEVEL = {
-    "name": (REQUIRED, str, "experiment name; runs go to <save_dir>/models/<name>/<run_id>"),
-    "seed": (0, int, "seeds python, numpy and torch; fixes the data split, the shuffling and the augmentation"),
-    "n_gpu": (1, int, "GPUs to use (0 = CPU); falls back to the CPU when none is available"),
-    "arch": (REQUIRED, dict, "the model: {type, args}"),
-    "data_loader": (REQUIRED, dict, "the data and how it is batched; see the data_loader table"),
-    "optimizer": (REQUIRED, dict, "{type: a torch.optim name, args}"),
-    "loss": (REQUIRED, (str, dict), "a loss function's name, or {type, args} of a loss class"),
-    "metrics": ([], list, "metric names (or {type, args, name}), computed over training and validation epochs"),
-    "lr_scheduler": (None, (dict, type(None)), "{type: a torch.optim.lr_scheduler name, args, interval: "
-                     "\"epoch\" or \"step\"}; null = constant learning rate"),
-    "callbacks": ([], list, "[{type, args[, name]}, ...]: objects whose on_* methods the trainer calls"),
-    "trainer": ({}, dict, "training loop settings; see the trainer table"),
-}
 # Where a bare name is looked up after the project's own packages.
 DEFAULT_MODULES = {"optimizer": "torch.optim", "lr_scheduler": "torch.optim.lr_scheduler",
                    "train_transform": "torchvision.transforms.v2", "eval_transform": "torchvision.transforms.v2"}
@@ -139,7 +125,12 @@ class ConfigParser:
             ("trainer.len_epoch", t["len_epoch"] is None or t["len_epoch"] >= 1, ">= 1 or null"),
             ("trainer.amp", t["amp"] in (None, "bf16", "fp16"), '"bf16", "fp16" or null'),
             ("trainer.clip_grad_norm", t["clip_grad_norm"] is None or t["clip_grad_norm"] > 0, "> 0 or null"),
-            ("trainer.verbosity", t["verbosity"] in (0, 1, 2), "0, 1 or 2")]
+            ("trainer.verbosity", t["verbosity"] in (0, 1, 2), "0, 1 or 2"),
+            ("trainer.strategy", t["strategy"] in ("ddp", "fsdp"), '"ddp" or "fsdp"'),
+            ("trainer.fsdp_modules", t["fsdp_modules"] is None or t["fsdp_modules"] and all(map(is_name, t[
+                "fsdp_modules"])), "null or a non-empty list of class names"),
+            *((f"trainer.{key}", not t[key] or t["strategy"] == "fsdp", f'{json.dumps(TRAINER_DEFAULTS[key][0])} unless '
+               'trainer.strategy is "fsdp"') for key in ("fsdp_modules", "activation_checkpointing"))]
         for key, ok, allowed in checks:
             if not ok:
                 raise ConfigError(f"{key}: must be {allowed}, got {json.dumps(get_path(c, key))[:80]}")
@@ -274,7 +265,7 @@ class ConfigParser:
             lock, owner = lock_dir(self.save_dir)
             if lock is not None:
                 for stale in self.save_dir.glob(".*.tmp"):  # a save a crash cut short (resumed or not)
-                    stale.unlink()
+                    restore_or_remove(stale)
                 write_json(self.config, self.save_dir / "config.json")
         except OSError as e:  # e.g. a full disk: nothing left behind to block this --run-id
             if lock is not None:

@@ -160,7 +160,8 @@ def main(argv=None):
         raise ConfigError("--top-k and --batch-size: must be at least 1")
 
     start, skipped = time.perf_counter(), []
-    out = args.output or (args.resume if args.resume.is_dir() else args.resume.parent) / "predictions.csv"
+    beside = args.resume if args.resume.is_dir() and args.resume.suffix != ".pth" else args.resume.parent  # a run dir
+    out = args.output or beside / "predictions.csv"
     check_output(out, [args.resume, *args.inputs])
     config, device, run, step, info = load_model(args.resume, args.weights)
     artifact = args.resume.suffix in ARTIFACTS

@@ -19,6 +19,7 @@ from utils.errors import ConfigError, TrainingError, UserError, run_main
 from utils.preemption import Preempted
 from utils.registry import Registry
 from utils.run import build_callbacks, build_loss_and_metrics
+from utils.sharding import shard
 
 
 def parse_args(argv=None):
@@ -49,7 +50,7 @@ def parse_args(argv=None):
 # batches are loaded may change: it does not change them.
 LOADING_ONLY = ("num_workers", "prefetch_factor")
 FIXED_ON_RESUME = ("name", "seed", "arch", "optimizer", "lr_scheduler", "loss", "metrics", "callbacks", "data_loader",
-                   "trainer.type", "trainer.monitor", "trainer.len_epoch", "trainer.accumulate_steps")
+                   "trainer.type", "trainer.monitor", "trainer.len_epoch", "trainer.accumulate_steps", "trainer.strategy")
 
 
 def _changed_on_resume(config, saved):
@@ -166,7 +167,9 @@ def run(args, config, checkpoint, checkpoint_path, device, verbosity):
         load_model_state(model, checkpoint["model"], checkpoint_path, checkpoint["arch"])
     logger.info(model)
     model = model.to(device)
-    if dist.is_distributed():  # gradients are averaged across processes in backward()
+    if dist.is_distributed() and config["trainer"]["strategy"] == "fsdp":  # each process holds 1/N of the model
+        model = shard(model, config["trainer"])
+    elif dist.is_distributed():  # gradients are averaged across processes in backward()
         model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     backend = config["trainer"]["compile"]
     if backend:  # checkpoints still hold the bare module's keys (utils.unwrap_model)

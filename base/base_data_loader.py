@@ -13,23 +13,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
 import utils.dist as dist
-from utils.errors import REQUIRED, ConfigError, DataError
+from utils.errors import ConfigError, DataError
 
-NoneType = type(None)
-# key: (default, allowed type(s), description). The README's config reference mirrors this table.
-LOADER_DEFAULTS = {
-    "dataset": (REQUIRED, dict, "the data: {type: a Dataset class (yours, or torchvision.datasets.*), args}"),
-    "valid_dataset": (None, (dict, NoneType), "validation data {type, args[, optional]}; null: validation_split"),
-    "test_dataset": (None, (dict, NoneType), "test data {type, args[, optional]} for test.py; null: test_split"),
-    "validation_split": (0.0, float, "fraction of dataset held out for validation (when valid_dataset is null)"),
-    "test_split": (0.0, float, "fraction of dataset held out for test.py (when test_dataset is null)"),
-    "batch_size": (32, int, "samples per batch (per process under torchrun)"),
-    "shuffle": (True, bool, "shuffle the training data, in an order fixed by seed and epoch"),
-    "num_workers": ("auto", (int, str), "DataLoader worker processes (0: none); \"auto\": see auto_workers()"),
-    "prefetch_factor": (4, int, "batches each worker loads ahead (with num_workers > 0)"),
-    "train_transform": ([], list, "[{type, args}, ...] applied in order to each training sample"),
-    "eval_transform": ([], list, "[{type, args}, ...] applied in order to each validation and test sample"),
-}
 
 
 class Transformed(Dataset):
@@ -172,7 +157,7 @@ def make_loader(config, dataset, training=False, device=None):
         return None
     workers = auto_workers(dataset) if cfg["num_workers"] == "auto" else cfg["num_workers"]
     return BaseDataLoader(dataset, cfg["batch_size"], cfg["shuffle"] and training, workers, config["seed"],
-                          even_shards=training, prefetch_factor=cfg["prefetch_factor"], device=device)
+                          even_shards=training or config["trainer"]["strategy"] == "fsdp", prefetch_factor=cfg["prefetch_factor"], device=device)
 
 
 class EpochBatchSampler:

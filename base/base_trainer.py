@@ -15,30 +15,10 @@ from utils.checkpoint import (TRAINER_KEYS, check_resumable, is_rolling, load_mo
                               save_checkpoint, supersede_after)
 from utils.errors import CheckpointError, ConfigError, TrainingError
 from utils.preemption import PREEMPTED, StopRequest
+from utils.sharding import load as load_shards
 from utils.util import get_rng_state, set_rng_state, to_device, unwrap_model
 
-NoneType = type(None)
 EVENTS = ("on_train_start", "on_step_end", "on_epoch_end", "on_train_end")  # a callback's optional methods
-# key: (default, allowed type(s), description). The README's config reference mirrors this table.
-TRAINER_DEFAULTS = {
-    "type": ("Trainer", str, "the Trainer class (a BaseTrainer subclass under trainer/) whose step() the run uses"),
-    "epochs": (10, int, "epochs to train (>= 1)"),
-    "save_dir": ("saved/", str, "root of the run outputs: <save_dir>/models and <save_dir>/log"),
-    "save_period": (1, int, "keep checkpoint-epoch<N>.pth of every this many epochs; the last one is always kept"),
-    "save_last": (True, bool, "also write every other epoch's checkpoint, each deleted when the next is written"),
-    "verbosity": (2, int, "console log level of the template's loggers: 0 warnings, 1 info, 2 debug (per-step lines)"),
-    "monitor": ("off", str, "'min METRIC', 'max METRIC' or 'off': picks model_best.pth, drives early stopping"),
-    "early_stop": (0, int, "stop after this many consecutive epochs without improvement; 0 = never"),
-    "tensorboard": (True, bool, "write TensorBoard event files into the run's log directory"),
-    "log_step": (10, int, "every this many steps: log the loss, refresh the progress bar (a host sync)"),
-    "len_epoch": (None, (int, NoneType), "optimizer steps per epoch (iteration-based); null = one pass over the data"),
-    "save_every_steps": (0, int, "also write checkpoint-epoch<E>-step<S>.pth every this many steps; 0 = off"),
-    "amp": (None, (str, NoneType), "mixed precision: 'bf16' (CPU or CUDA), 'fp16' (CUDA, scaled) or null = off"),
-    "accumulate_steps": (1, int, "batches whose gradients are summed into one optimizer step"),
-    "clip_grad_norm": (None, (float, NoneType), "clip the gradients' total norm to this value; null = no clipping"),
-    "compile": (False, (bool, str), "wrap the model with torch.compile (true, or a torch.compile backend's name)"),
-    "keep_last": (0, int, "keep only the newest this many checkpoint-epoch*.pth files; 0 = keep all"),
-}
 
 
 class BaseTrainer:
@@ -62,6 +42,7 @@ class BaseTrainer:
         steps = cfg["len_epoch"]  # optimizer steps of accumulate_steps batches; null: one pass over the data
         self.batches_per_epoch = steps * cfg["accumulate_steps"] if steps else len(data_loader or ())
         self.distributed, self.stop_request = dist.is_distributed(), StopRequest()
+        self.sharded = cfg["strategy"] == "fsdp"  # checkpoints: folders of DCP shards (utils/sharding.py)
         self.outputs = self.rolling = self.last_saved = None  # rolling: the last epoch's checkpoint, if not kept
         self.epoch = self.global_step = self.batches_done = self.best_epoch = self.not_improved_count = 0
         self.monitor_best = math.inf if self.mnt_mode == "min" else -math.inf
@@ -81,10 +62,11 @@ class BaseTrainer:
     def state_dict(self) -> dict:
         """The whole run state as plain data (a checkpoint): every process must call it under torchrun."""
         model = unwrap_model(self.model)
-        return {
-            "arch": type(model).__name__, "run_id": self.config.run_id, "config": self.config.config,
-            "epoch": self.epoch + (1 if self.batches_done else 0),  # the epoch this checkpoint is in
-            "model": model.state_dict(), "optimizer": self.optimizer.state_dict(),
+        return {  # fsdp: the model and optimizer are saved apart, as shards
+            "arch": type(model).__name__.removeprefix("FSDP" if self.sharded else ""), "run_id": self.config.run_id,
+            "config": self.config.config, "epoch": self.epoch + (1 if self.batches_done else 0),  # this checkpoint's
+            "model": {} if self.sharded else model.state_dict(),
+            "optimizer": {} if self.sharded else self.optimizer.state_dict(),
             "lr_scheduler": self.lr_scheduler.state_dict() if self.lr_scheduler is not None else None,
             "scaler": self.scaler.state_dict(), "trainer": {key: getattr(self, key) for key in TRAINER_KEYS},
             "metrics": dist.gather_objects(self.metrics.state_dict()) if self.batches_done else None,  # mid-epoch sums
@@ -99,7 +81,10 @@ class BaseTrainer:
         check_resumable(checkpoint, path, self.lr_scheduler is not None, world, self.data)
         load_model_state(unwrap_model(self.model), checkpoint["model"], path, checkpoint["arch"])
         try:  # the structure was checked on loading; what does not fit this run's objects fails here
-            self.optimizer.load_state_dict(checkpoint["optimizer"])
+            if Path(path).is_dir():  # an fsdp run's folder
+                load_shards(path, unwrap_model(self.model), self.optimizer)
+            else:
+                self.optimizer.load_state_dict(checkpoint["optimizer"])
             if self.lr_scheduler is not None:
                 self.lr_scheduler.load_state_dict(checkpoint["lr_scheduler"])
             if checkpoint["scaler"]:
@@ -198,8 +183,9 @@ class BaseTrainer:
             last_in_window = i + 1 == window_start + window
             if i == window_start:  # a new optimizer step begins
                 self.optimizer.zero_grad(set_to_none=True)
-            # DDP: average gradients across processes only on the window's last backward
-            with contextlib.nullcontext() if last_in_window or not self.distributed else self.model.no_sync():
+            # DDP: average gradients across processes only on the window's last backward (FSDP: on every one)
+            with contextlib.nullcontext() if last_in_window or not hasattr(self.model, "no_sync") else \
+                    self.model.no_sync():
                 with self.autocast():
                     loss, output, target = self.step(batch)
                 self.scaler.scale(loss / window if window > 1 else loss).backward()
@@ -259,11 +245,12 @@ class BaseTrainer:
         self.metrics.reset()
         try:
             with torch.no_grad():
-                for batch in progress_bar(itertools.islice(loader, max_batches), total=max_batches or len(loader),
-                                          desc=desc):
+                batches = progress_bar(itertools.islice(loader, max_batches), total=max_batches or len(loader), desc=desc)
+                n_real = getattr(getattr(loader, "sampler", None), "n_real", lambda i: None)  # a BaseDataLoader's
+                for i, batch in enumerate(batches):  # fsdp evaluates on even shards: their padding is left out
                     with self.autocast():
                         loss, output, target = self.step(to_device(batch, self.device))
-                    self.metrics.update(loss, output, target)
+                    self.metrics.update(loss, output, target, n_real(i))
         finally:
             self.model = trained
         return self.metrics.compute(self.device)
@@ -291,8 +278,9 @@ class BaseTrainer:
                                 f"{self.global_step}; no checkpoint of them was written")
         state = self.state_dict()  # under torchrun, every process takes part
         step = self.global_step if self.batches_done else None
-        path = save_checkpoint(state, self.config.save_dir, state["epoch"], step, periodic, best,
-                               self.cfg["keep_last"], replaces, write=dist.is_main_process())
+        path = save_checkpoint(state, self.config.save_dir, state["epoch"], step, periodic, best, self.cfg["keep_last"],
+                               replaces, dist.is_main_process(), (unwrap_model(self.model), self.optimizer) if
+                               self.sharded else None)
         if dist.is_main_process():
             self.logger.info("Saved %s", " and ".join([path.name] * periodic + ["model_best.pth"] * best))
         self.last_saved = path if periodic else self.last_saved

@@ -148,10 +148,10 @@ def test_validation_metrics_are_reduced_to_the_single_process_numbers():
     assert results[0][1] == results[1][1]
 
 
-def training_into_epoch_2(save_dir, run_id):
+def training_into_epoch_2(save_dir, run_id, *overrides):
     """A long torchrun training, read until its third step of epoch 2: (process, output lines so far)."""
     proc = torchrun("-c", "config.json", "--run-id", run_id, f"trainer.save_dir={save_dir}", "trainer.epochs=100",
-                    "trainer.log_step=1", "trainer.verbosity=2", "trainer.tensorboard=false",
+                    "trainer.log_step=1", "trainer.verbosity=2", "trainer.tensorboard=false", *overrides,
                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     lines = []
     for line in proc.stdout:

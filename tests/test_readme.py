@@ -3,10 +3,8 @@ import json
 import re
 
 from conftest import ROOT
-from base.base_data_loader import LOADER_DEFAULTS
-from base.base_trainer import TRAINER_DEFAULTS
-from parse_config import TOP_LEVEL
 from utils.errors import REQUIRED
+from utils.schema import LOADER_DEFAULTS, TOP_LEVEL, TRAINER_DEFAULTS
 
 README = (ROOT / "README.md").read_text()
 

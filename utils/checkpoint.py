@@ -10,7 +10,9 @@ from pathlib import Path
 import torch
 
 from utils.config_file import check_size, check_type, is_name
+from utils import sharding
 from utils.errors import CheckpointError, ConfigError, DataError
+from utils.sharding import STATE, remove
 from utils.util import atomic_link, atomic_write_bytes, claim_dir
 
 CHECKPOINT_KEYS = {"arch", "epoch", "run_id", "model", "optimizer", "lr_scheduler", "trainer", "scaler", "metrics",
@@ -47,11 +49,11 @@ def list_checkpoints(run_dir) -> list:
 
 
 def find_checkpoint(path) -> Path:
-    """`path` itself if it is a file; for a run directory, its newest checkpoint."""
+    """`path` itself if it is a checkpoint (a file, or an fsdp run's folder); for a run directory, its newest one."""
     path = Path(path)
     if not (path.is_dir() or path.is_file()):
         raise CheckpointError(f"{path}: no such checkpoint file or run directory")
-    found = list_checkpoints(path) if path.is_dir() else [path]
+    found = list_checkpoints(path) if path.is_dir() and not (path / STATE).exists() else [path]
     if not found:
         raise CheckpointError(f"{path}: no checkpoint-epoch*.pth in this directory")
     return found[-1]
@@ -74,12 +76,16 @@ def latest_checkpoint(runs_dir, run_id=None, usable_by=1):
 
 
 def load_checkpoint(path) -> dict:
-    """Load a checkpoint onto the CPU, weights_only. Every way a file can be unfit is one CheckpointError."""
+    """Load a checkpoint onto the CPU, weights_only (of an fsdp run's folder: state.pth, and for "model" the shapes and
+    dtypes of its shards, as meta tensors). Every way a file can be unfit is one CheckpointError."""
     path = find_checkpoint(path)
-    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; anything else is not ours
-        raise CheckpointError(f"{path}: not a checkpoint (not a torch.save archive; truncated or corrupt?)")
+    file = path / STATE if path.is_dir() else path
+    if not zipfile.is_zipfile(file):  # torch.save writes a zip archive; anything else is not ours
+        raise CheckpointError(f"{file}: not a checkpoint (not a torch.save archive; truncated or corrupt?)")
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        checkpoint = torch.load(file, map_location="cpu", weights_only=True)
+        if path.is_dir() and isinstance(checkpoint, dict):
+            checkpoint["model"] = sharding.model_shapes(path)
     except pickle.UnpicklingError as e:
         # torch names the refused object on a line of its own, e.g. "unsupported GLOBAL posix.system ..."
         what = next((line for line in str(e).splitlines() if "GLOBAL" in line), "").strip()
@@ -171,7 +177,7 @@ def model_weights(checkpoint, path, weights="model") -> dict:
 
 
 def load_model_state(model, state, path, arch) -> None:
-    """Load a state_dict of weights into `model` (a bare module), strictly, or explain the mismatch."""
+    """Load a state_dict of weights (from a folder `path`: its shards) into `model`, strictly, or explain the mismatch."""
     own = model.state_dict()
     faults = {"missing keys": sorted(set(own) - set(state)), "unexpected keys": sorted(set(state) - set(own)),
               "shape mismatches": [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
@@ -181,25 +187,33 @@ def load_model_state(model, state, path, arch) -> None:
             return ", ".join(keys[:5]) + (f" (+{len(keys) - 5} more)" if len(keys) > 5 else "") if keys else "none"
         listed = "; ".join(f"{what}: {some(keys)}" for what, keys in faults.items())
         raise CheckpointError(f"{path}: weights of arch {arch!r} do not fit the model {type(model).__name__}: {listed}")
-    model.load_state_dict(state)
+    sharding.load(path, model) if Path(path).is_dir() else model.load_state_dict(state)
 
 
-def save_checkpoint(state, run_dir, epoch, step, periodic, best, keep_last, replaces=None, write=True) -> Path:
+def save_checkpoint(state, run_dir, epoch, step, periodic, best, keep_last, replaces=None, write=True,
+                    shards=None) -> Path:
     """Write checkpoint-epoch<N>[-step<S>].pth (periodic) and/or model_best.pth from one serialization, each
     replaced atomically (model_best.pth as a second name of the periodic file, where the file system can);
     `replaces` (a rolling checkpoint) and, beyond keep_last, older checkpoints are deleted only after the new
-    one is on disk. Returns the periodic file's path (model_best.pth's if only best)."""
+    one is on disk. `shards`: (model, optimizer) of an fsdp run, written by every process into a checkpoint folder.
+    Returns the periodic file's path (model_best.pth's if only best)."""
     name = f"checkpoint-epoch{epoch}.pth" if step is None else f"checkpoint-epoch{epoch}-step{step}.pth"
-    path = Path(run_dir) / (name if periodic else "model_best.pth")
+    path, best_path = Path(run_dir) / (name if periodic else "model_best.pth"), Path(run_dir) / "model_best.pth"
+    if shards is not None:
+        sharding.save(*shards, state, path, write)
     if not write:  # under torchrun only rank 0 writes
         return path
     buffer = io.BytesIO()
-    torch.save(state, buffer)
-    if periodic:
+    if shards is None:
+        torch.save(state, buffer)
+    if periodic and shards is None:
         atomic_write_bytes(buffer.getvalue(), path)
+    if periodic:
         found = list_checkpoints(run_dir)
         for old in [*(found[:-keep_last] if keep_last else []), *([replaces] if replaces not in (None, path) else [])]:
-            old.unlink(missing_ok=True)
-    if best and not (periodic and atomic_link(path, Path(run_dir) / "model_best.pth")):
-        atomic_write_bytes(buffer.getvalue(), Path(run_dir) / "model_best.pth")
+            remove(old)
+    if best and periodic and shards is not None:
+        sharding.copy(path, best_path)
+    elif best and shards is None and not (periodic and atomic_link(path, best_path)):
+        atomic_write_bytes(buffer.getvalue(), best_path)
     return path

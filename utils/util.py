@@ -60,9 +60,13 @@ def atomic_link(source: Path, path: Path) -> bool:
 
 
 def _replace(tmp: Path, path: Path) -> None:
-    """os.replace, then fsync the directory: a rename is durable once the directory entry is on disk."""
     os.replace(tmp, path)
-    fd = os.open(path.parent, os.O_RDONLY)
+    fsync_dir(path.parent)
+
+
+def fsync_dir(directory) -> None:
+    """A rename is durable once the directory entry is on disk."""
+    fd = os.open(directory, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:

@@ -1,0 +1,153 @@
+"""trainer.strategy "fsdp": the model sharded over the processes with FSDP2 (fully_shard), and its checkpoints written
+with torch.distributed.checkpoint (DCP). Such a checkpoint is a folder named like the file it stands for
+(checkpoint-epoch<N>.pth/): each process writes its shards of the model and optimizer, rank 0 the rest of the run
+state (state.pth). It is built under a temporary name and renamed into place whole: a name never points at part of one."""
+import io
+import os
+import pickle
+import shutil
+import warnings
+from pathlib import Path
+
+import torch
+
+import utils.dist as dist
+from utils.errors import ConfigError
+from utils.util import atomic_write_bytes, fsync_dir, weights_only_loads
+
+STATE = "state.pth"  # in a checkpoint folder: what state_dict() holds besides the shards
+# What DCP's .metadata (a plain pickle) may hold: its own records, torch sizes, dtypes and layouts; nothing that runs code
+RECORDS = {"torch.distributed.checkpoint.metadata": {"Metadata", "TensorStorageMetadata", "BytesStorageMetadata",
+                                                     "ChunkStorageMetadata", "MetadataIndex", "TensorProperties",
+                                                     "StorageMeta", "_MEM_FORMAT_ENCODING"},
+           "torch.distributed.checkpoint.filesystem": {"_StorageInfo"}, "torch": {"Size"},
+           "torch.serialization": {"_get_layout"}, "pathlib": {"PosixPath"}, "collections": {"OrderedDict"}}
+
+
+def shard(model, cfg):
+    """fully_shard each block (the modules of the classes trainer.fsdp_modules names, else the model's children that
+    hold parameters), then the model; with trainer.amp the parameters compute in bf16 (fp16), gradients reduce in fp32."""
+    from torch.distributed._composable import checkpoint
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    names = cfg["fsdp_modules"]
+    blocks = [m for m in model.modules() if type(m).__name__ in names] if names else \
+        [m for m in model.children() if next(m.parameters(), None) is not None]
+    if names and not blocks:
+        raise ConfigError(f"trainer.fsdp_modules: the model has no module of class {' or '.join(names)[:200]}")
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg["amp"])
+    policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32 if dtype else None)
+    for block in blocks:
+        if cfg["activation_checkpointing"]:
+            checkpoint(block)  # keeps only the block's input; its activations are recomputed in backward
+        fully_shard(block, mp_policy=policy)
+    return fully_shard(model, mp_policy=policy)
+
+
+def save(model, optimizer, state, path, write):
+    """Every process writes its shards of `model` and `optimizer` (a collective); rank 0 (`write`) adds `state` and
+    renames the folder into place."""
+    from torch.distributed.checkpoint import save as dcp_save
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+    tmp = path.with_name(f".{path.name}.tmp")  # one name on every process; a crash's leftover goes at the next start
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "torch.distributed is disabled")  # one process: as intended
+        dcp_save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=tmp, no_dist=not dist.is_distributed())
+    if write:
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        atomic_write_bytes(buffer.getvalue(), tmp / STATE)
+        _rename(tmp, path)
+
+
+def copy(path: Path, to: Path) -> None:
+    """Checkpoint folder `to` (model_best.pth) as a copy of `path`, its files hard links where the file system can."""
+    tmp = to.with_name(f".{to.name}.tmp")
+    shutil.copytree(path, tmp, copy_function=_link_or_copy)
+    _rename(tmp, to)
+
+
+def _link_or_copy(source, target):
+    try:
+        os.link(source, target)  # the files of a checkpoint are never changed in place: sharing them is safe
+    except OSError:
+        shutil.copy2(source, target)
+
+
+def _rename(tmp: Path, path: Path) -> None:
+    """Folder `tmp` to `path`; an older `path` (model_best.pth) is first set aside as .<name>.old.tmp: a kill between
+    the two renames leaves no `path`, and the next start puts the old one back (restore_or_remove)."""
+    old = path.with_name(f".{path.name}.old.tmp")
+    if path.exists():
+        path.rename(old)
+    tmp.rename(path)
+    fsync_dir(path.parent)
+    remove(old)
+
+
+def remove(path: Path) -> None:
+    """Delete a checkpoint file or folder; a folder is renamed first, so its name goes at once, not file by file."""
+    if path.is_dir() and not path.is_symlink():
+        gone = path.with_name(f".{path.name}.del.tmp")
+        shutil.rmtree(gone, ignore_errors=True)
+        path.rename(gone)
+        shutil.rmtree(gone)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def restore_or_remove(stale: Path) -> None:
+    """A leftover .*.tmp of a save a crash cut short: deleted, but a set-aside checkpoint whose name is free goes back."""
+    name = stale.name[1:].removesuffix(".old.tmp")
+    if stale.name.endswith(".old.tmp") and not (stale.parent / name).exists():
+        stale.rename(stale.parent / name)
+    else:
+        remove(stale)
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        if name in RECORDS.get(module, ()) or module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"unsupported GLOBAL {module}.{name}")
+
+
+def read_metadata(path):
+    """DCP's index of checkpoint folder `path`, unpickled with only the classes RECORDS lists (DCP's own reader would
+    run whatever a planted .metadata names)."""
+    with open(Path(path) / ".metadata", "rb") as f:
+        return _MetadataUnpickler(f).load()
+
+
+def model_shapes(path) -> dict:
+    """{key: an empty meta tensor of the shape and dtype saved}: the model of checkpoint folder `path`, without its data."""
+    saved = read_metadata(path).state_dict_metadata
+    return {k.removeprefix("model."): torch.empty(v.size, dtype=v.properties.dtype, device="meta")
+            for k, v in saved.items() if k.startswith("model.") and hasattr(v, "size")}
+
+
+def load(path, model, optimizer=None) -> None:
+    """The weights (and the optimizer state) of checkpoint folder `path` into `model` (`optimizer`), sharded or not, on
+    any number of processes (DCP reshards); under torchrun every process takes part."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint import load as dcp_load
+    from torch.distributed.checkpoint.metadata import StorageMeta
+    from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
+                                                         set_model_state_dict, set_optimizer_state_dict)
+
+    class Reader(FileSystemReader):
+        def read_metadata(self, *args, **kwargs):
+            metadata = read_metadata(self.path)
+            metadata.storage_meta = metadata.storage_meta or StorageMeta()
+            metadata.storage_meta.load_id = self.load_id
+            return metadata
+
+    state = {"model": get_model_state_dict(model)}
+    if optimizer is not None:
+        state["optimizer"] = get_optimizer_state_dict(model, optimizer)
+    with weights_only_loads(), warnings.catch_warnings():  # DCP unpickles non-tensors with weights_only=False
+        warnings.filterwarnings("ignore", "torch.distributed is disabled")
+        dcp_load(state, storage_reader=Reader(path), no_dist=not dist.is_distributed())
+    set_model_state_dict(model, state["model"])
+    if optimizer is not None:
+        set_optimizer_state_dict(model, optimizer, state["optimizer"])
