@@ -129,8 +129,8 @@ class ConfigParser:
             ("trainer.strategy", t["strategy"] in ("ddp", "fsdp"), '"ddp" or "fsdp"'),
             ("trainer.fsdp_modules", t["fsdp_modules"] is None or t["fsdp_modules"] and all(map(is_name, t[
                 "fsdp_modules"])), "null or a non-empty list of class names"),
-            *((f"trainer.{key}", not t[key] or t["strategy"] == "fsdp", f'{json.dumps(TRAINER_DEFAULTS[key][0])} unless '
-               'trainer.strategy is "fsdp"') for key in ("fsdp_modules", "activation_checkpointing"))]
+            *((f"trainer.{key}", not t[key] or t["strategy"] == "fsdp", json.dumps(TRAINER_DEFAULTS[key][0]) +
+               ' unless trainer.strategy is "fsdp"') for key in ("fsdp_modules", "activation_checkpointing"))]
         for key, ok, allowed in checks:
             if not ok:
                 raise ConfigError(f"{key}: must be {allowed}, got {json.dumps(get_path(c, key))[:80]}")

@@ -50,7 +50,8 @@ def parse_args(argv=None):
 # batches are loaded may change: it does not change them.
 LOADING_ONLY = ("num_workers", "prefetch_factor")
 FIXED_ON_RESUME = ("name", "seed", "arch", "optimizer", "lr_scheduler", "loss", "metrics", "callbacks", "data_loader",
-                   "trainer.type", "trainer.monitor", "trainer.len_epoch", "trainer.accumulate_steps", "trainer.strategy")
+                   "trainer.type", "trainer.monitor", "trainer.len_epoch", "trainer.accumulate_steps",
+                   "trainer.strategy")
 
 
 def _changed_on_resume(config, saved):

@@ -156,8 +156,9 @@ def make_loader(config, dataset, training=False, device=None):
     if dataset is None:
         return None
     workers = auto_workers(dataset) if cfg["num_workers"] == "auto" else cfg["num_workers"]
+    even = training or config["trainer"]["strategy"] == "fsdp"  # fsdp evaluates in step too: a forward is a collective
     return BaseDataLoader(dataset, cfg["batch_size"], cfg["shuffle"] and training, workers, config["seed"],
-                          even_shards=training or config["trainer"]["strategy"] == "fsdp", prefetch_factor=cfg["prefetch_factor"], device=device)
+                          even_shards=even, prefetch_factor=cfg["prefetch_factor"], device=device)
 
 
 class EpochBatchSampler:

@@ -245,7 +245,8 @@ class BaseTrainer:
         self.metrics.reset()
         try:
             with torch.no_grad():
-                batches = progress_bar(itertools.islice(loader, max_batches), total=max_batches or len(loader), desc=desc)
+                batches = progress_bar(itertools.islice(loader, max_batches), total=max_batches or len(loader),
+                                       desc=desc)
                 n_real = getattr(getattr(loader, "sampler", None), "n_real", lambda i: None)  # a BaseDataLoader's
                 for i, batch in enumerate(batches):  # fsdp evaluates on even shards: their padding is left out
                     with self.autocast():

@@ -2,10 +2,11 @@
 import copy
 
 import torch
+from torch.distributed.fsdp import FSDPModule
 from torch.optim.swa_utils import get_ema_multi_avg_fn
 
 from utils import unwrap_model
-from utils.errors import CheckpointError
+from utils.errors import CheckpointError, ConfigError
 
 
 class EMA:
@@ -21,6 +22,8 @@ class EMA:
 
     def on_train_start(self, trainer):
         model = unwrap_model(trainer.model)
+        if isinstance(model, FSDPModule):  # its point is that no process holds the whole model
+            raise ConfigError('callbacks: EMA keeps a whole copy of the model, which trainer.strategy "fsdp" cannot')
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
         try:
             if self.saved is not None:  # resumed: the average as it was

@@ -208,6 +208,10 @@ def test_fsdp_config_faults_are_one_line(tmp_path):
     from model.model import DigitsModel
     with pytest.raises(ConfigError, match="trainer.fsdp_modules: the model has no module of class Block"):
         shard(DigitsModel(), {"fsdp_modules": ["Block"], "amp": None, "activation_checkpointing": False})
+    ema = torchrun("-c", "config.json", *FSDP, 'callbacks=[{"type": "EMA"}]', "--dry-run", *FAST)
+    assert ema.returncode != 0 and "Traceback" not in ema.stderr.split("error: ")[0]  # torchrun's own report aside
+    assert ema.stderr.count('error: callbacks: EMA keeps a whole copy of the model, which trainer.strategy "fsdp" '
+                            'cannot') == ema.stderr.count("error: ") == 2, ema.stderr[-3000:]  # a line per rank
     # a resumed run keeps its strategy: its checkpoints' format and the optimizer state's layout depend on it
     plain = train(tmp_path / "p", "trainer.epochs=1", "trainer.tensorboard=false", "trainer.verbosity=1")
     assert_user_error(run_train("-r", plain.model_dir / "checkpoint-epoch1.pth", "trainer.strategy=fsdp"),

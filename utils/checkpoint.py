@@ -177,7 +177,7 @@ def model_weights(checkpoint, path, weights="model") -> dict:
 
 
 def load_model_state(model, state, path, arch) -> None:
-    """Load a state_dict of weights (from a folder `path`: its shards) into `model`, strictly, or explain the mismatch."""
+    """Load a state_dict of weights (of a folder `path`: its shards) into `model`, strictly, or explain a mismatch."""
     own = model.state_dict()
     faults = {"missing keys": sorted(set(own) - set(state)), "unexpected keys": sorted(set(state) - set(own)),
               "shape mismatches": [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"

@@ -1,7 +1,7 @@
 """trainer.strategy "fsdp": the model sharded over the processes with FSDP2 (fully_shard), and its checkpoints written
 with torch.distributed.checkpoint (DCP). Such a checkpoint is a folder named like the file it stands for
 (checkpoint-epoch<N>.pth/): each process writes its shards of the model and optimizer, rank 0 the rest of the run
-state (state.pth). It is built under a temporary name and renamed into place whole: a name never points at part of one."""
+state (state.pth). It is built under a temporary name and renamed into place whole: no name points at part of one."""
 import io
 import os
 import pickle
@@ -16,7 +16,7 @@ from utils.errors import ConfigError
 from utils.util import atomic_write_bytes, fsync_dir, weights_only_loads
 
 STATE = "state.pth"  # in a checkpoint folder: what state_dict() holds besides the shards
-# What DCP's .metadata (a plain pickle) may hold: its own records, torch sizes, dtypes and layouts; nothing that runs code
+# What DCP's .metadata (a plain pickle) may hold: its own records, torch sizes, dtypes, layouts; nothing that runs code
 RECORDS = {"torch.distributed.checkpoint.metadata": {"Metadata", "TensorStorageMetadata", "BytesStorageMetadata",
                                                      "ChunkStorageMetadata", "MetadataIndex", "TensorProperties",
                                                      "StorageMeta", "_MEM_FORMAT_ENCODING"},
@@ -26,7 +26,7 @@ RECORDS = {"torch.distributed.checkpoint.metadata": {"Metadata", "TensorStorageM
 
 def shard(model, cfg):
     """fully_shard each block (the modules of the classes trainer.fsdp_modules names, else the model's children that
-    hold parameters), then the model; with trainer.amp the parameters compute in bf16 (fp16), gradients reduce in fp32."""
+    hold parameters), then the model; with trainer.amp parameters compute in bf16 (fp16), gradients reduce in fp32."""
     from torch.distributed._composable import checkpoint
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     names = cfg["fsdp_modules"]
@@ -52,7 +52,8 @@ def save(model, optimizer, state, path, write):
     model_state, optimizer_state = get_state_dict(model, optimizer)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", "torch.distributed is disabled")  # one process: as intended
-        dcp_save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=tmp, no_dist=not dist.is_distributed())
+        dcp_save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=tmp,
+                 no_dist=not dist.is_distributed())
     if write:
         buffer = io.BytesIO()
         torch.save(state, buffer)
@@ -97,7 +98,7 @@ def remove(path: Path) -> None:
 
 
 def restore_or_remove(stale: Path) -> None:
-    """A leftover .*.tmp of a save a crash cut short: deleted, but a set-aside checkpoint whose name is free goes back."""
+    """A .*.tmp a crash left: deleted, but a set-aside checkpoint whose name is free goes back."""
     name = stale.name[1:].removesuffix(".old.tmp")
     if stale.name.endswith(".old.tmp") and not (stale.parent / name).exists():
         stale.rename(stale.parent / name)
@@ -120,7 +121,7 @@ def read_metadata(path):
 
 
 def model_shapes(path) -> dict:
-    """{key: an empty meta tensor of the shape and dtype saved}: the model of checkpoint folder `path`, without its data."""
+    """{key: an empty meta tensor of the saved shape and dtype}: the model of checkpoint folder `path`, without data."""
     saved = read_metadata(path).state_dict_metadata
     return {k.removeprefix("model."): torch.empty(v.size, dtype=v.properties.dtype, device="meta")
             for k, v in saved.items() if k.startswith("model.") and hasattr(v, "size")}
