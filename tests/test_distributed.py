@@ -161,6 +161,20 @@ def training_into_epoch_2(save_dir, run_id, *overrides):
     return proc, lines
 
 
+def preempt_as_a_scheduler(proc, lines):
+    """SIGTERM to every worker of torchrun `proc`, then to torchrun itself a moment later; its whole output."""
+    workers = subprocess.run(["pgrep", "-f", "-P", str(proc.pid), "train.py"], capture_output=True, text=True)
+    pids = [int(p) for p in workers.stdout.split()]
+    assert len(pids) == 2, workers
+    for pid in pids:
+        os.kill(pid, signal.SIGTERM)
+    time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out = "".join(lines) + proc.stdout.read()
+    assert proc.wait(timeout=120) != 0
+    return out
+
+
 def test_sigterm_to_torchrun_stops_all_ranks_and_rank_0_saves(tmp_path):
     save_dir = tmp_path / "saved"
     proc, lines = training_into_epoch_2(save_dir, "t")
@@ -205,16 +219,7 @@ def test_preemption_as_a_scheduler_delivers_it_saves_once_and_leaves_a_marker(tm
     cgroup tracking): the workers still agree on a step, rank 0 saves, and preempted.json tells a job
     script that this exit 1 of torchrun was a preemption."""
     save_dir = tmp_path / "saved"
-    proc, lines = training_into_epoch_2(save_dir, "s")
-    workers = subprocess.run(["pgrep", "-f", "-P", str(proc.pid), "train.py"], capture_output=True, text=True)
-    pids = [int(p) for p in workers.stdout.split()]
-    assert len(pids) == 2, workers
-    for pid in pids:
-        os.kill(pid, signal.SIGTERM)
-    time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
-    out = "".join(lines) + proc.stdout.read()
-    assert proc.wait(timeout=120) != 0
+    out = preempt_as_a_scheduler(*training_into_epoch_2(save_dir, "s"))
     run = Run(save_dir, "s")
     marker = json.loads((run.model_dir / "preempted.json").read_text())
     assert marker["signal"] == "SIGTERM" and "-step" in marker["checkpoint"], out[-3000:]

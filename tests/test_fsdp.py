@@ -3,8 +3,6 @@ import json
 import os
 import pathlib
 import shutil
-import signal
-import subprocess
 import time
 
 import pytest
@@ -14,7 +12,7 @@ import torch.multiprocessing as mp
 
 from conftest import Run, assert_ok, assert_same, assert_user_error, call_main, read_json, run_script, run_train, \
     train, without_time
-from test_distributed import FAST, torchrun, training_into_epoch_2
+from test_distributed import FAST, preempt_as_a_scheduler, torchrun, training_into_epoch_2
 
 FSDP = ["trainer.strategy=fsdp"]
 STATE_KEYS = ("lr_scheduler", "scaler", "trainer", "metrics", "rng", "callbacks")
@@ -72,16 +70,7 @@ def test_fsdp_resume_is_bitwise_at_an_epoch_boundary(fsdp_run, tmp_path):
 
 def test_fsdp_sigterm_to_every_process_saves_mid_epoch_and_resumes_bitwise(fsdp_run, tmp_path):
     save_dir = tmp_path / "saved"
-    proc, lines = training_into_epoch_2(save_dir, "f", *FSDP)
-    workers = subprocess.run(["pgrep", "-f", "-P", str(proc.pid), "train.py"], capture_output=True, text=True)
-    pids = [int(p) for p in workers.stdout.split()]
-    assert len(pids) == 2, workers
-    for pid in pids:  # as a scheduler does; torchrun forwards its own a moment later
-        os.kill(pid, signal.SIGTERM)
-    time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
-    out = "".join(lines) + proc.stdout.read()
-    assert proc.wait(timeout=120) != 0
+    out = preempt_as_a_scheduler(*training_into_epoch_2(save_dir, "f", *FSDP))
     run = Run(save_dir, "f")
     marker = json.loads((run.model_dir / "preempted.json").read_text())
     middle = pathlib.Path(marker["checkpoint"])
@@ -241,3 +230,36 @@ def test_a_save_killed_between_its_renames_loses_no_checkpoint(tmp_path, monkeyp
     call_main(train_script.main, ["-r", run.model_dir / "checkpoint-epoch2.pth"])  # a finished run: starts, ends
     assert not list(run.model_dir.glob(".*.tmp"))
     assert torch.load(run.model_dir / "model_best.pth" / "state.pth", weights_only=True)["trainer"]["epoch"] == 1
+
+
+class _Payload:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+@pytest.mark.parametrize("planted", ["code", "garbage"])
+def test_a_planted_metadata_file_is_refused_and_runs_nothing(fsdp_run, tmp_path, planted):
+    """DCP would unpickle .metadata with plain pickle: here only its own records load."""
+    import pickle
+    folder = tmp_path / "model_best.pth"
+    shutil.copytree(fsdp_run.model_dir / "model_best.pth", folder)
+    marker = tmp_path / "ran"
+    (folder / ".metadata").write_bytes(pickle.dumps(_Payload(marker)) if planted == "code" else pickle.dumps([1]))
+    expected = "refused to load: it holds objects that could run code (unsupported GLOBAL posix.system" \
+        if planted == "code" else "not a readable checkpoint"
+    assert_user_error(run_script("test.py", "-r", folder), str(folder), expected)
+    assert not marker.exists()
+
+
+def test_rolling_and_kept_checkpoint_folders_follow_the_file_rules(tmp_path):
+    """One process with fsdp writes folders too: save_period, save_last's rolling one and keep_last as for files."""
+    quiet = [*FSDP, "trainer.tensorboard=false", "trainer.verbosity=1", "trainer.monitor=off"]
+    run = train(tmp_path / "saved", "trainer.epochs=3", "trainer.save_period=2", *quiet)
+    assert run.pth_files() == {"checkpoint-epoch2.pth", "checkpoint-epoch3.pth"}  # epoch 1's went with epoch 2's
+    kept = train(tmp_path / "saved", "trainer.epochs=3", "trainer.keep_last=1", *quiet, run_id="k")
+    assert kept.pth_files() == {"checkpoint-epoch3.pth"}
+    assert [p.name for p in [*run.model_dir.glob(".*"), *kept.model_dir.glob(".*")]] == [".lock", ".lock"]
+    assert (kept.model_dir / "checkpoint-epoch3.pth" / "state.pth").is_file()

@@ -90,7 +90,7 @@ def load_checkpoint(path) -> dict:
         # torch names the refused object on a line of its own, e.g. "unsupported GLOBAL posix.system ..."
         what = next((line for line in str(e).splitlines() if "GLOBAL" in line), "").strip()
         raise CheckpointError(f"{path}: refused to load: it holds objects that could run code ({what[:200]})") from None
-    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as e:
+    except (RuntimeError, EOFError, OSError, ValueError, AttributeError, TypeError, zipfile.BadZipFile) as e:
         first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"{path}: not a readable checkpoint (truncated or corrupt?): {first}") from None
     if missing := sorted(CHECKPOINT_KEYS - set(checkpoint if isinstance(checkpoint, dict) else ())):
