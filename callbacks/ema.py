@@ -2,7 +2,6 @@
 import copy
 
 import torch
-from torch.distributed.fsdp import FSDPModule
 from torch.optim.swa_utils import get_ema_multi_avg_fn
 
 from utils import unwrap_model
@@ -22,7 +21,7 @@ class EMA:
 
     def on_train_start(self, trainer):
         model = unwrap_model(trainer.model)
-        if isinstance(model, FSDPModule):  # its point is that no process holds the whole model
+        if trainer.sharded and trainer.distributed:  # fsdp's point is that no process holds the whole model
             raise ConfigError('callbacks: EMA keeps a whole copy of the model, which trainer.strategy "fsdp" cannot')
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
         try:
