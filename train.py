@@ -1,5 +1,6 @@
 """Train a model from a config: python train.py -c config.json [KEY.PATH=VALUE ...]"""
 import argparse
+import gc
 import logging
 import os
 import sys
@@ -135,11 +136,15 @@ def main(argv=None):
     verbosity = config["trainer"]["verbosity"] if int(os.environ.get("RANK", 0)) == 0 else 0  # other ranks: warnings
     setup_logging(None, verbosity)  # console only until the run has a directory
     device = setup_device(config["n_gpu"])
+    # What exists now (mostly the imports' objects, which live as long as the process) is left out of Python's
+    # full garbage collections: one over the whole heap takes 0.1-0.2 s, and DataLoader workers fork after this.
+    gc.freeze()
     try:
         run(args, config, checkpoint, checkpoint_path, device, verbosity)
         if dist.is_distributed():  # all done before any process tears the group down (gloo may abort a rank)
             torch.distributed.barrier()
     finally:
+        gc.unfreeze()  # collectable again, for a caller that goes on (tests, a notebook)
         dist.cleanup()
 
 

@@ -71,6 +71,19 @@ def template_config(root, save_dir, epochs):
     }
 
 
+def cpu_seconds():
+    """(CPU seconds of this process, of its live child processes: the DataLoader workers), from /proc."""
+    tick, mine, children = os.sysconf("SC_CLK_TCK"), time.process_time(), 0.0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rpartition(")")[2].split()
+        except OSError:  # a process that ended meanwhile
+            continue
+        if int(fields[1]) == os.getpid():  # ppid; utime and stime follow at fields 11 and 12
+            children += (int(fields[11]) + int(fields[12])) / tick
+    return mine, children
+
+
 def side_raw(root, save_dir, epochs):
     """The hand-tuned loop. Prints {"first_step", "fit_seconds", "train_samples"}."""
     import torch
@@ -97,7 +110,7 @@ def side_raw(root, save_dir, epochs):
     optimizer = torch.optim.Adam(model.parameters(), lr=LR)
     criterion = torch.nn.CrossEntropyLoss()
     first_step = None
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), cpu_seconds()
     for epoch in range(1, epochs + 1):
         model.train()
         loss_sum, correct = 0.0, 0
@@ -119,8 +132,9 @@ def side_raw(root, save_dir, epochs):
                 valid_correct += (model(x).argmax(1) == y).sum().item()
         torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch},
                    Path(save_dir) / f"checkpoint-epoch{epoch}.pth")
-    fit = time.perf_counter() - start
-    print(json.dumps({"first_step": first_step, "fit_seconds": fit, "fit_end": time.time(),
+    fit, cpu = time.perf_counter() - start, [b - a for a, b in zip(cpu, cpu_seconds())]
+    print(json.dumps({"first_step": first_step, "fit_seconds": fit, "fit_end": time.time(), "cpu": cpu,
+                      "steps": len(train_loader) * epochs,
                       "train_samples": len(train_set) * epochs, "valid_accuracy": valid_correct / len(valid_set)}))
 
 
@@ -138,11 +152,12 @@ def side_template(config_path, overrides):
         clocks.setdefault("first_step", time.time())
 
     def timed_fit(self):
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), cpu_seconds()
         try:
             return fit(self)
         finally:
             clocks["fit_seconds"], clocks["fit_end"] = time.perf_counter() - start, time.time()
+            clocks["cpu"], clocks["steps"] = [b - a for a, b in zip(cpu, cpu_seconds())], self.global_step
             clocks["train_samples"] = len(self.data_loader.dataset) * self.epoch
     bt.BaseTrainer._optimizer_step, bt.BaseTrainer.train = timed_step, timed_fit
     train.run_main(train.main, ["-c", str(config_path), "--run-id", "run", *overrides])
@@ -238,7 +253,9 @@ def main():
                   f"({ratios['samples_per_second'][-1]:.3f}x); wall raw {r['wall']:.2f} s template {t['wall']:.2f} s "
                   f"({ratios['wall'][-1]:.3f}x); start-up raw {r['startup']:.2f} s template {t['startup']:.2f} s; "
                   f"exit raw {r['exit']:.2f} s template {t['exit']:.2f} s; "
-                  f"load {os.getloadavg()[0]:.2f}")
+                  f"CPU ms per step, main process raw {1e3 * r['cpu'][0] / r['steps']:.1f} template "
+                  f"{1e3 * t['cpu'][0] / t['steps']:.1f}, workers raw {1e3 * r['cpu'][1] / r['steps']:.1f} template "
+                  f"{1e3 * t['cpu'][1] / t['steps']:.1f}; load {os.getloadavg()[0]:.2f}")
         print(f"template's worker line: {workers[0].strip() if workers else '(none logged)'}")
         for key, label, unit in (("samples_per_second", "throughput template/raw", "x"),
                                  ("wall", "wall time template/raw", "x"), ("startup", "start-up template-raw", " s"),
