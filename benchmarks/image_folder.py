@@ -1,6 +1,6 @@
 """The template against a hand-tuned DataLoader loop on real image files, decoded and augmented in workers.
 
-    python benchmarks/image_folder.py [--pairs 4] [--images 2000] [--epochs 2] [--set KEY.PATH=VALUE ...]
+    python benchmarks/image_folder.py [--pairs 8] [--images 2000] [--epochs 2] [--set KEY.PATH=VALUE ...]
 
 It writes an ImageFolder of PNGs (48-80 px, 10 classes, a class-dependent tint) into a temporary
 directory, then runs both sides alternately, each in a fresh process, `--pairs` times:
@@ -20,8 +20,9 @@ directory, then runs both sides alternately, each in a fresh process, `--pairs` 
 Per run: training throughput = training samples x epochs / seconds of the fit (every epoch with its
 validation and checkpoint, from just before the first batch is asked for to after the last save);
 wall time = launch to exit of the process; start-up = launch to the end of the first optimizer step
-(imports, folder scan, worker start, first batch). Printed per pair and as median and range of the
-template/raw ratios (and of the start-up difference).
+(imports, folder scan, worker start, first batch); CPU per step = CPU seconds of the main process, and of
+its live children (the DataLoader workers), over the fit, per optimizer step. Printed per pair with the load
+average, and as median and range of the template/raw ratios (and of the start-up difference).
 """
 import argparse
 import json
@@ -200,7 +201,7 @@ def launch(*extra):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--pairs", type=int, default=4)
+    p.add_argument("--pairs", type=int, default=8)
     p.add_argument("--images", type=int, default=2000)
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--set", nargs="*", default=[], metavar="KEY.PATH=VALUE",

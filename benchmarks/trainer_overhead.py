@@ -275,7 +275,8 @@ def ema_step_cost(raw, device, steps=2000) -> float:
     of the buffers) takes on the workload's model, timed apart from training."""
     from types import SimpleNamespace
     from callbacks.ema import EMA
-    trainer = SimpleNamespace(model=ConfigParser(raw, [], REGISTRY).init_obj("arch").to(device))
+    trainer = SimpleNamespace(model=ConfigParser(raw, [], REGISTRY).init_obj("arch").to(device), sharded=False,
+                              distributed=False)
     ema = EMA(decay=0.999)
     ema.on_train_start(trainer)
     for i in range(steps + 100):  # the first 100 are a warm-up
