@@ -1,5 +1,6 @@
 """Train a model from a config: python train.py -c config.json [KEY.PATH=VALUE ...]"""
 import argparse
+import copy
 import gc
 import logging
 import os
@@ -12,7 +13,7 @@ from torch.nn.parallel import DistributedDataParallel
 import utils.dist as dist
 from base.base_data_loader import describe, make_datasets, make_loader
 from logger import setup_logging
-from parse_config import ConfigParser, load_config_file
+from parse_config import ConfigParser, load_config_file, with_defaults
 from utils import prepare_device, seed_everything
 from utils.checkpoint import find_checkpoint, latest_checkpoint, load_checkpoint, load_model_state
 from utils.config_file import spec_of
@@ -84,7 +85,7 @@ def build_config(args, registry):
         raise ConfigError(f"--run-id: a resumed run keeps its id ({run_dir.name}); use -c with -r to start a new run")
     config = ConfigParser(checkpoint["config"], args.overrides, registry, run_id=run_dir.name, resume=True,
                           run_dir=run_dir)
-    changed = _changed_on_resume(config.config, checkpoint["config"])
+    changed = _changed_on_resume(config.config, with_defaults(copy.deepcopy(checkpoint["config"])))  # keys added since
     if changed:
         raise ConfigError(f"{changed}: a resumed run keeps its {', '.join(FIXED_ON_RESUME)} (as in its checkpoint);"
                           " to change them start a new run from the checkpoint with -c CONFIG -r CHECKPOINT")
@@ -144,8 +145,8 @@ def main(argv=None):
         if dist.is_distributed():  # all done before any process tears the group down (gloo may abort a rank)
             torch.distributed.barrier()
     finally:
-        gc.unfreeze()  # collectable again, for a caller that goes on (tests, a notebook)
         dist.cleanup()
+        gc.unfreeze()  # collectable again, for a caller that goes on (tests, a notebook)
 
 
 def run(args, config, checkpoint, checkpoint_path, device, verbosity):
@@ -174,7 +175,7 @@ def run(args, config, checkpoint, checkpoint_path, device, verbosity):
     logger.info(model)
     model = model.to(device)
     if dist.is_distributed() and config["trainer"]["strategy"] == "fsdp":  # each process holds 1/N of the model
-        model = shard(model, config["trainer"])
+        model = shard(model, config["trainer"], device)
     elif dist.is_distributed():  # gradients are averaged across processes in backward()
         model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     backend = config["trainer"]["compile"]

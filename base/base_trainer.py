@@ -274,7 +274,8 @@ class BaseTrainer:
         """Write checkpoint-epoch<N>[-step<S>].pth (then delete `replaces`) and/or model_best.pth; the path."""
         if not (periodic or best):
             return None
-        if not all(torch.isfinite(p).all() for p in self.model.parameters()):  # one host sync per tensor
+        local = (p.to_local() if hasattr(p, "to_local") else p for p in self.model.parameters())  # fsdp: its shard
+        if dist.any_process(not all(torch.isfinite(p).all() for p in local), self.device):  # a sync per tensor
             raise TrainingError(f"non-finite weights in epoch {self.epoch + (self.batches_done > 0)} after step "
                                 f"{self.global_step}; no checkpoint of them was written")
         state = self.state_dict()  # under torchrun, every process takes part

@@ -41,7 +41,8 @@ def measure(rank, port, args, queue):
             model = torch.nn.Sequential(*(torch.nn.Sequential(torch.nn.Linear(args.width, args.width), torch.nn.ReLU())
                                           for _ in range(args.layers)))
             if strategy == "fsdp":
-                shard(model, {"fsdp_modules": None, "amp": None, "activation_checkpointing": False})
+                shard(model, {"fsdp_modules": None, "amp": None, "activation_checkpointing": False},
+                      torch.device("cpu"))
             else:
                 model = DistributedDataParallel(model)
             optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)

@@ -21,7 +21,7 @@ class EMA:
 
     def on_train_start(self, trainer):
         model = unwrap_model(trainer.model)
-        if trainer.sharded and trainer.distributed:  # fsdp's point is that no process holds the whole model
+        if trainer.sharded:  # fsdp's point is that no process holds the whole model
             raise ConfigError('callbacks: EMA keeps a whole copy of the model, which trainer.strategy "fsdp" cannot')
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
         try:

@@ -107,9 +107,9 @@ def test_test_export_and_predict_take_an_fsdp_checkpoint_on_one_process(fsdp_run
     assert_ok(run_script("export.py", "-r", folder, "--format", "torchscript"))
     rows = tmp_path / "rows.csv"
     rows.write_text("\n".join(",".join(["0.5"] * 64) for _ in range(3)) + "\n")
-    for model in (folder, run.model_dir / "model.ts"):
-        assert_ok(run_script("predict.py", "-r", model, rows, "-o", tmp_path / f"{model.name}.csv"))
-    assert (tmp_path / "model_best.pth.csv").read_text() == (tmp_path / "model.ts.csv").read_text()
+    assert_ok(run_script("predict.py", "-r", folder, rows))  # written beside the folder, in the run directory
+    assert_ok(run_script("predict.py", "-r", run.model_dir / "model.ts", rows, "-o", tmp_path / "ts.csv"))
+    assert (run.model_dir / "predictions.csv").read_text() == (tmp_path / "ts.csv").read_text()
     assert not (folder / "predictions.csv").exists()
 
 
@@ -151,7 +151,7 @@ def _count_on_rank(rank, port, queue):
             torch.manual_seed(0)
             model = DigitsModel()
             if sharded:
-                shard(model, {"fsdp_modules": None, "amp": None, "activation_checkpointing": False})
+                shard(model, {"fsdp_modules": None, "amp": None, "activation_checkpointing": False}, "cpu")
             optimizer = torch.optim.Adam(model.parameters())
             model(torch.randn(4, 1, 8, 8)).sum().backward()
             optimizer.step()
@@ -196,7 +196,7 @@ def test_fsdp_config_faults_are_one_line(tmp_path):
                       'trainer.activation_checkpointing: must be false unless trainer.strategy is "fsdp"')
     from model.model import DigitsModel
     with pytest.raises(ConfigError, match="trainer.fsdp_modules: the model has no module of class Block"):
-        shard(DigitsModel(), {"fsdp_modules": ["Block"], "amp": None, "activation_checkpointing": False})
+        shard(DigitsModel(), {"fsdp_modules": ["Block"], "amp": None, "activation_checkpointing": False}, "cpu")
     ema = torchrun("-c", "config.json", *FSDP, 'callbacks=[{"type": "EMA"}]', "--dry-run", *FAST)
     assert ema.returncode != 0 and "Traceback" not in ema.stderr.split("error: ")[0]  # torchrun's own report aside
     assert ema.stderr.count('error: callbacks: EMA keeps a whole copy of the model, which trainer.strategy "fsdp" '
@@ -263,3 +263,55 @@ def test_rolling_and_kept_checkpoint_folders_follow_the_file_rules(tmp_path):
     assert kept.pth_files() == {"checkpoint-epoch3.pth"}
     assert [p.name for p in [*run.model_dir.glob(".*"), *kept.model_dir.glob(".*")]] == [".lock", ".lock"]
     assert (kept.model_dir / "checkpoint-epoch3.pth" / "state.pth").is_file()
+
+
+def test_evaluation_on_padded_shards_counts_every_sample_once(tmp_path):
+    """305 validation samples over 2 processes: one is padding. With lr 0 both runs validate the initial weights,
+    rank 0's under fsdp: accuracy over the real samples only is the one-process figure exactly."""
+    still = ["data_loader.validation_split=0.17", "optimizer.args.lr=0", "trainer.epochs=1", *FAST]
+    assert_ok(torchrun("-c", "config.json", "--run-id", "v", f"trainer.save_dir={tmp_path / 'sharded'}", *FSDP,
+                       *still))
+    single = train(tmp_path / "single", *still, run_id="v")
+    sharded, one = Run(tmp_path / "sharded", "v").metrics()[0], single.metrics()[0]
+    for key in ("val_accuracy", "val_top_k_acc"):
+        assert sharded[key] == one[key], key
+    assert float(sharded["val_loss"]) == pytest.approx(float(one["val_loss"]), rel=0.02)  # a padded batch's mean
+
+
+def test_a_checkpoint_from_before_the_strategy_keys_resumes(tmp_path):
+    run = train(tmp_path / "saved", "trainer.epochs=1", "trainer.tensorboard=false", "trainer.verbosity=1")
+    path = run.model_dir / "checkpoint-epoch1.pth"
+    old = torch.load(path, weights_only=True)
+    for key in ("strategy", "fsdp_modules", "activation_checkpointing"):
+        del old["config"]["trainer"][key]
+    torch.save(old, path)
+    assert_ok(run_train("-r", path, "trainer.epochs=2"))
+    assert [r["epoch"] for r in run.metrics()] == ["1", "2"]
+
+
+def test_a_planted_metadata_file_is_refused_by_the_shard_loader_too(fsdp_run, tmp_path):
+    """The resume path reads .metadata through DCP's reader, which the template replaces with the restricted one."""
+    import pickle
+
+    from model.model import DigitsModel
+    from utils.sharding import load
+    folder = tmp_path / "model_best.pth"
+    shutil.copytree(fsdp_run.model_dir / "model_best.pth", folder)
+    marker = tmp_path / "ran"
+    (folder / ".metadata").write_bytes(pickle.dumps(_Payload(marker)))
+    from utils.errors import CheckpointError
+    with pytest.raises(CheckpointError, match="cannot load its shards .*unsupported GLOBAL posix.system"):
+        load(folder, DigitsModel())
+    assert not marker.exists()
+
+
+def test_a_full_disk_while_writing_shards_is_one_line(tmp_path):
+    from test_run_faults import assert_one_error_line, mounted
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    with mounted("-t", "tmpfs", "-o", "size=1m", "tmpfs", disk):  # the logs fit, a checkpoint's 1.8 MB do not
+        result = run_train("-c", "config.json", "--run-id", "f", f"trainer.save_dir={disk}", *FSDP,
+                           "trainer.verbosity=1")
+        assert_one_error_line(result, 1, "cannot write the checkpoint's shards", "MiB free there",
+                              "the checkpoints saved before are intact")
+        assert not list((disk / "models" / "Digits_CNN" / "f").glob("*.pth"))  # no name for the partial folder

@@ -12,7 +12,6 @@ import torch
 from utils.config_file import check_size, check_type, is_name
 from utils import sharding
 from utils.errors import CheckpointError, ConfigError, DataError
-from utils.sharding import STATE, remove
 from utils.util import atomic_link, atomic_write_bytes, claim_dir
 
 CHECKPOINT_KEYS = {"arch", "epoch", "run_id", "model", "optimizer", "lr_scheduler", "trainer", "scaler", "metrics",
@@ -53,7 +52,7 @@ def find_checkpoint(path) -> Path:
     path = Path(path)
     if not (path.is_dir() or path.is_file()):
         raise CheckpointError(f"{path}: no such checkpoint file or run directory")
-    found = list_checkpoints(path) if path.is_dir() and not (path / STATE).exists() else [path]
+    found = list_checkpoints(path) if path.is_dir() and not (path / sharding.STATE).exists() else [path]
     if not found:
         raise CheckpointError(f"{path}: no checkpoint-epoch*.pth in this directory")
     return found[-1]
@@ -79,7 +78,7 @@ def load_checkpoint(path) -> dict:
     """Load a checkpoint onto the CPU, weights_only (of an fsdp run's folder: state.pth, and for "model" the shapes and
     dtypes of its shards, as meta tensors). Every way a file can be unfit is one CheckpointError."""
     path = find_checkpoint(path)
-    file = path / STATE if path.is_dir() else path
+    file = path / sharding.STATE if path.is_dir() else path
     if not zipfile.is_zipfile(file):  # torch.save writes a zip archive; anything else is not ours
         raise CheckpointError(f"{file}: not a checkpoint (not a torch.save archive; truncated or corrupt?)")
     try:
@@ -90,7 +89,8 @@ def load_checkpoint(path) -> dict:
         # torch names the refused object on a line of its own, e.g. "unsupported GLOBAL posix.system ..."
         what = next((line for line in str(e).splitlines() if "GLOBAL" in line), "").strip()
         raise CheckpointError(f"{path}: refused to load: it holds objects that could run code ({what[:200]})") from None
-    except (RuntimeError, EOFError, OSError, ValueError, AttributeError, TypeError, zipfile.BadZipFile) as e:
+    except (RuntimeError, EOFError, OSError, ValueError, AttributeError, TypeError, KeyError, IndexError,
+            zipfile.BadZipFile) as e:
         first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"{path}: not a readable checkpoint (truncated or corrupt?): {first}") from None
     if missing := sorted(CHECKPOINT_KEYS - set(checkpoint if isinstance(checkpoint, dict) else ())):
@@ -187,7 +187,9 @@ def load_model_state(model, state, path, arch) -> None:
             return ", ".join(keys[:5]) + (f" (+{len(keys) - 5} more)" if len(keys) > 5 else "") if keys else "none"
         listed = "; ".join(f"{what}: {some(keys)}" for what, keys in faults.items())
         raise CheckpointError(f"{path}: weights of arch {arch!r} do not fit the model {type(model).__name__}: {listed}")
-    sharding.load(path, model) if Path(path).is_dir() else model.load_state_dict(state)
+    if Path(path).is_dir() and all(t.is_meta for t in state.values()):  # an fsdp folder's model: in its shards
+        return sharding.load(path, model)
+    model.load_state_dict(state)
 
 
 def save_checkpoint(state, run_dir, epoch, step, periodic, best, keep_last, replaces=None, write=True,
@@ -211,7 +213,7 @@ def save_checkpoint(state, run_dir, epoch, step, periodic, best, keep_last, repl
     if periodic:
         found = list_checkpoints(run_dir)
         for old in [*(found[:-keep_last] if keep_last else []), *([replaces] if replaces not in (None, path) else [])]:
-            remove(old)
+            sharding.remove(old)
     if best and periodic and shards is not None:
         sharding.copy(path, best_path)
     elif best and shards is None and not (periodic and atomic_link(path, best_path)):

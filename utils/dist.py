@@ -1,6 +1,7 @@
 """torch.distributed helpers. Under torchrun there is one process per device; without it every
 helper here is a cheap no-op, so single-process code paths stay plain."""
 import gc
+import itertools
 import os
 
 import torch
@@ -47,10 +48,11 @@ def any_process(flag: bool, device) -> bool:
     return bool(all_reduce(torch.tensor([float(flag)], device=device)).item()) if is_distributed() else flag
 
 
-def broadcast_buffers(module) -> None:
-    """Rank 0's buffers (e.g. BatchNorm running statistics) in `module` on every process."""
-    for buffer in module.buffers() if is_distributed() else ():
-        dist.broadcast(buffer, src=0)
+def broadcast_buffers(module, with_parameters=False) -> None:
+    """Rank 0's buffers (e.g. BatchNorm running statistics), and parameters, in `module` on every process."""
+    tensors = itertools.chain(module.buffers(), module.parameters() if with_parameters else ())
+    for tensor in tensors if is_distributed() else ():
+        dist.broadcast(tensor.detach(), src=0)
 
 
 def gather_objects(obj) -> list:
