@@ -40,7 +40,7 @@ def shard(model, cfg, device):
     dist.broadcast_buffers(model, with_parameters=True)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg["amp"])
     policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32 if dtype else None)
-    mesh = init_device_mesh(torch.device(device).type, (dist.world_size(),))  # the run's device (gloo on the CPU), not any GPU
+    mesh = init_device_mesh(torch.device(device).type, (dist.world_size(),))  # the run's device, not any GPU
     for block in blocks:
         if cfg["activation_checkpointing"]:
             checkpoint(block)  # keeps only the block's input; its activations are recomputed in backward
