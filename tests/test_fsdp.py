@@ -210,7 +210,6 @@ def test_fsdp_config_faults_are_one_line(tmp_path):
 def test_a_save_killed_between_its_renames_loses_no_checkpoint(tmp_path, monkeypatch):
     """One process with fsdp writes the same folders. The kill comes when model_best.pth has been set aside and the
     new one is not in place yet: no name points at a partial folder, and the next start puts the old best back."""
-    import utils.sharding as sharding
     overrides = ["trainer.epochs=1", *FSDP, "trainer.tensorboard=false", "trainer.verbosity=1",
                  "trainer.monitor=min loss"]
     run = train(tmp_path / "saved", *overrides, run_id="k")
