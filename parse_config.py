@@ -114,6 +114,7 @@ class ConfigParser:
     def _validate(self):
         """Check everything that can be checked before building anything; raise on the first fault."""
         c, t, d = self.config, self.config["trainer"], self.config["data_loader"]
+        blocks = t["fsdp_modules"]
         bounds = {key: (low, MAXIMUM.get(key, 2**31 - 1)) for key, low in MINIMUM.items()}
         checks = [  # (key path, whether its value is fine, what it must be); the types are checked already
             ("name", is_name(c["name"]), A_NAME),
@@ -127,8 +128,8 @@ class ConfigParser:
             ("trainer.clip_grad_norm", t["clip_grad_norm"] is None or t["clip_grad_norm"] > 0, "> 0 or null"),
             ("trainer.verbosity", t["verbosity"] in (0, 1, 2), "0, 1 or 2"),
             ("trainer.strategy", t["strategy"] in ("ddp", "fsdp"), '"ddp" or "fsdp"'),
-            ("trainer.fsdp_modules", t["fsdp_modules"] is None or t["fsdp_modules"] and all(map(is_name, t[
-                "fsdp_modules"])), "null or a non-empty list of class names"),
+            ("trainer.fsdp_modules", blocks is None or blocks and all(map(is_name, blocks)),
+             "null or a non-empty list of class names"),
             *((f"trainer.{key}", not t[key] or t["strategy"] == "fsdp", json.dumps(TRAINER_DEFAULTS[key][0]) +
                ' unless trainer.strategy is "fsdp"') for key in ("fsdp_modules", "activation_checkpointing"))]
         for key, ok, allowed in checks:

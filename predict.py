@@ -28,6 +28,7 @@ from logger import progress_bar
 from utils.checkpoint import check_data
 from utils.errors import ConfigError, DataError, run_main
 from utils.run import ARTIFACTS, load_artifact, load_run
+from utils.sharding import is_folder
 from utils.util import atomic_write_text, to_device
 
 
@@ -160,7 +161,7 @@ def main(argv=None):
         raise ConfigError("--top-k and --batch-size: must be at least 1")
 
     start, skipped = time.perf_counter(), []
-    beside = args.resume if args.resume.is_dir() and args.resume.suffix != ".pth" else args.resume.parent  # a run dir
+    beside = args.resume if args.resume.is_dir() and not is_folder(args.resume) else args.resume.parent  # a run dir
     out = args.output or beside / "predictions.csv"
     check_output(out, [args.resume, *args.inputs])
     config, device, run, step, info = load_model(args.resume, args.weights)

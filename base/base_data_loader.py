@@ -16,7 +16,6 @@ import utils.dist as dist
 from utils.errors import ConfigError, DataError
 
 
-
 class Transformed(Dataset):
     """`dataset` with `transform` applied to each sample. With a `seed` (training) it is indexed by (epoch, index),
     which seeds the transform's torch randomness: the same in a worker or the main process, resumed or not.

@@ -15,6 +15,7 @@ from utils.checkpoint import (TRAINER_KEYS, check_resumable, is_rolling, load_mo
                               save_checkpoint, supersede_after)
 from utils.errors import CheckpointError, ConfigError, TrainingError
 from utils.preemption import PREEMPTED, StopRequest
+from utils.sharding import is_folder
 from utils.sharding import load as load_shards
 from utils.util import get_rng_state, set_rng_state, to_device, unwrap_model
 
@@ -62,8 +63,10 @@ class BaseTrainer:
     def state_dict(self) -> dict:
         """The whole run state as plain data (a checkpoint): every process must call it under torchrun."""
         model = unwrap_model(self.model)
+        arch = type(model).__name__  # fully_shard made it FSDP<arch>, a subclass
         return {  # fsdp: the model and optimizer are saved apart, as shards
-            "arch": type(model).__name__.removeprefix("FSDP" if self.sharded else ""), "run_id": self.config.run_id,
+            "arch": arch.removeprefix("FSDP") if self.sharded and self.distributed else arch,
+            "run_id": self.config.run_id,
             "config": self.config.config, "epoch": self.epoch + (1 if self.batches_done else 0),  # this checkpoint's
             "model": {} if self.sharded else model.state_dict(),
             "optimizer": {} if self.sharded else self.optimizer.state_dict(),
@@ -81,7 +84,7 @@ class BaseTrainer:
         check_resumable(checkpoint, path, self.lr_scheduler is not None, world, self.data)
         load_model_state(unwrap_model(self.model), checkpoint["model"], path, checkpoint["arch"])
         try:  # the structure was checked on loading; what does not fit this run's objects fails here
-            if Path(path).is_dir():  # an fsdp run's folder
+            if is_folder(path):  # an fsdp run's
                 load_shards(path, unwrap_model(self.model), self.optimizer)
             else:
                 self.optimizer.load_state_dict(checkpoint["optimizer"])

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import torch
 
-from utils.config_file import check_size, check_type, is_name
 from utils import sharding
+from utils.config_file import check_size, check_type, is_name
 from utils.errors import CheckpointError, ConfigError, DataError
 from utils.util import atomic_link, atomic_write_bytes, claim_dir
 
@@ -52,7 +52,7 @@ def find_checkpoint(path) -> Path:
     path = Path(path)
     if not (path.is_dir() or path.is_file()):
         raise CheckpointError(f"{path}: no such checkpoint file or run directory")
-    found = list_checkpoints(path) if path.is_dir() and not (path / sharding.STATE).exists() else [path]
+    found = list_checkpoints(path) if path.is_dir() and not sharding.is_folder(path) else [path]
     if not found:
         raise CheckpointError(f"{path}: no checkpoint-epoch*.pth in this directory")
     return found[-1]
@@ -78,12 +78,13 @@ def load_checkpoint(path) -> dict:
     """Load a checkpoint onto the CPU, weights_only (of an fsdp run's folder: state.pth, and for "model" the shapes and
     dtypes of its shards, as meta tensors). Every way a file can be unfit is one CheckpointError."""
     path = find_checkpoint(path)
-    file = path / sharding.STATE if path.is_dir() else path
+    folder = sharding.is_folder(path)
+    file = path / sharding.STATE if folder else path
     if not zipfile.is_zipfile(file):  # torch.save writes a zip archive; anything else is not ours
         raise CheckpointError(f"{file}: not a checkpoint (not a torch.save archive; truncated or corrupt?)")
     try:
         checkpoint = torch.load(file, map_location="cpu", weights_only=True)
-        if path.is_dir() and isinstance(checkpoint, dict):
+        if folder and isinstance(checkpoint, dict):
             checkpoint["model"] = sharding.model_shapes(path)
     except pickle.UnpicklingError as e:
         # torch names the refused object on a line of its own, e.g. "unsupported GLOBAL posix.system ..."
@@ -187,7 +188,7 @@ def load_model_state(model, state, path, arch) -> None:
             return ", ".join(keys[:5]) + (f" (+{len(keys) - 5} more)" if len(keys) > 5 else "") if keys else "none"
         listed = "; ".join(f"{what}: {some(keys)}" for what, keys in faults.items())
         raise CheckpointError(f"{path}: weights of arch {arch!r} do not fit the model {type(model).__name__}: {listed}")
-    if Path(path).is_dir() and all(t.is_meta for t in state.values()):  # an fsdp folder's model: in its shards
+    if sharding.is_folder(path) and all(t.is_meta for t in state.values()):  # the model's values are in the shards
         return sharding.load(path, model)
     model.load_state_dict(state)
 
@@ -202,13 +203,15 @@ def save_checkpoint(state, run_dir, epoch, step, periodic, best, keep_last, repl
     name = f"checkpoint-epoch{epoch}.pth" if step is None else f"checkpoint-epoch{epoch}-step{step}.pth"
     path, best_path = Path(run_dir) / (name if periodic else "model_best.pth"), Path(run_dir) / "model_best.pth"
     if shards is not None:
-        sharding.save(*shards, state, path, write)
+        folder = sharding.save_shards(*shards, path)
     if not write:  # under torchrun only rank 0 writes
         return path
     buffer = io.BytesIO()
-    if shards is None:
-        torch.save(state, buffer)
-    if periodic and shards is None:
+    torch.save(state, buffer)
+    if shards is not None:  # the rest of the state beside the shards, then the folder into place whole
+        atomic_write_bytes(buffer.getvalue(), folder / sharding.STATE)
+        sharding.rename(folder, path)
+    elif periodic:
         atomic_write_bytes(buffer.getvalue(), path)
     if periodic:
         found = list_checkpoints(run_dir)

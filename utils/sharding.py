@@ -3,7 +3,6 @@ with torch.distributed.checkpoint (DCP). Such a checkpoint is a folder named lik
 (checkpoint-epoch<N>.pth/): each process writes its shards of the model and optimizer, rank 0 the rest of the run
 state (state.pth). It is built under a temporary name and renamed into place whole: no name points at part of one."""
 import errno
-import io
 import os
 import pickle
 import shutil
@@ -14,7 +13,7 @@ import torch
 
 import utils.dist as dist
 from utils.errors import CheckpointError, ConfigError
-from utils.util import atomic_write_bytes, fsync_dir, weights_only_loads
+from utils.util import fsync_dir, weights_only_loads
 
 STATE = "state.pth"  # in a checkpoint folder: what state_dict() holds besides the shards
 # What DCP's .metadata (a plain pickle) may hold: its own records, torch sizes, dtypes, layouts; nothing that runs code
@@ -48,9 +47,14 @@ def shard(model, cfg, device):
     return fully_shard(model, mesh=mesh, mp_policy=policy)
 
 
-def save(model, optimizer, state, path, write):
-    """Every process writes its shards of `model` and `optimizer` (a collective); rank 0 (`write`) adds `state` and
-    renames the folder into place."""
+def is_folder(path) -> bool:
+    """Whether `path` is a checkpoint folder (an fsdp run's), rather than a file or a run directory."""
+    return Path(path).is_dir() and (Path(path) / STATE).is_file()
+
+
+def save_shards(model, optimizer, path) -> Path:
+    """Every process writes its shards of `model` and `optimizer` (a collective) into the temporary folder of `path`,
+    which it returns; the caller adds the rest of the state (STATE) and renames the folder into place (rename)."""
     from torch.distributed.checkpoint import save as dcp_save
     from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.state_dict import get_state_dict
@@ -67,11 +71,7 @@ def save(model, optimizer, state, path, write):
                 cause = OSError(errno.EIO, f"cannot write the checkpoint's shards ({str(cause).strip()[:200]}; "
                                 f"{shutil.disk_usage(path.parent).free // 2**20} MiB free there)", str(tmp))
             raise cause from None
-    if write:
-        buffer = io.BytesIO()
-        torch.save(state, buffer)
-        atomic_write_bytes(buffer.getvalue(), tmp / STATE)
-        _rename(tmp, path)
+    return tmp
 
 
 def copy(path: Path, to: Path) -> None:
@@ -79,7 +79,7 @@ def copy(path: Path, to: Path) -> None:
     tmp = to.with_name(f".{to.name}.tmp")
     shutil.copytree(path, tmp, copy_function=_link_or_copy)
     fsync_dir(tmp)
-    _rename(tmp, to)
+    rename(tmp, to)
 
 
 def _link_or_copy(source, target):
@@ -89,7 +89,7 @@ def _link_or_copy(source, target):
         shutil.copy2(source, target)
 
 
-def _rename(tmp: Path, path: Path) -> None:
+def rename(tmp: Path, path: Path) -> None:
     """Folder `tmp` to `path`; an older `path` (model_best.pth) is first set aside as .<name>.old.tmp: a kill between
     the two renames leaves no `path`, and the next start puts the old one back (restore_or_remove)."""
     old = path.with_name(f".{path.name}.old.tmp")
