@@ -218,17 +218,21 @@ class BaseTrainer:
         """Every log_step steps progress and a finite-loss check; a mid-epoch checkpoint when due or signalled."""
         log_now = (self.global_step - 1) % self.cfg["log_step"] == 0
         if log_now:  # note: a host-device sync point, so only every log_step steps
-            sums = self.metrics.metrics["loss"].sums  # None on a rank that had only padding so far
-            sums = torch.zeros(2, dtype=torch.float64, device=self.device) if sums is None else sums.clone()
-            sums = dist.all_reduce(sums)  # all processes': a NaN on one stops them all
-            step_loss, running = torch.stack([loss.detach().float(), sums[0] / sums[1]]).tolist()
+            mean = self.metrics.metrics["loss"]  # a BatchMean: its total on the device (None: only padding so far)
+            total = torch.zeros((), device=self.device) if mean.total is None else mean.total
+            # one small tensor read once (separate reads cost ~40 us a logging step); all processes' sums
+            values = dist.all_reduce(torch.stack([loss.detach().float(), total, total.new_tensor(mean.count)]))
+            step_loss, total, count = values.tolist()  # the loss of this step's global batch, the epoch's so far
+            step_loss, running = step_loss / dist.world_size(), total / count
             if not math.isfinite(running):  # the running mean covers every step of the epoch so far
                 raise TrainingError(f"non-finite training loss in epoch {epoch}, at or before step {self.global_step} "
                                     f"(checked every trainer.log_step={self.cfg['log_step']} steps); no checkpoint "
                                     "of these weights was written")
             bar.set_postfix_str(f"loss={running:.4f}", refresh=False)
-            self.logger.debug("Train epoch %d [%d/%d] loss: %.6f", epoch, self.batches_done, n_batches, step_loss)
-            self.tensorboard("scalar", "loss/train_step", step_loss)
+            if bar.disable:  # no bar shows the loss (not a terminal, or not rank 0): a line does; ~0.1 ms
+                self.logger.debug("Train epoch %d [%d/%d] loss: %.6f", epoch, self.batches_done, n_batches, step_loss)
+            if self.outputs is not None:
+                self.outputs.add_step_scalar("loss/train_step", step_loss, self.global_step)
         stop = self.stop_request.signum is not None
         if self.distributed:  # the processes must stop at the same step: they agree every log_step steps
             stop = log_now and dist.any_process(stop, self.device)

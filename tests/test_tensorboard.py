@@ -9,7 +9,7 @@ import urllib.request
 
 import pytest
 
-from conftest import THREADS_ENV, train
+from conftest import THREADS_ENV, Run, assert_ok, run_train, train
 
 
 @pytest.fixture(scope="module")
@@ -85,3 +85,46 @@ def test_a_tensorboard_server_shows_the_runs_side_by_side(two_runs):
     finally:
         server.kill()
         server.wait()
+
+
+def test_every_logged_step_reaches_tensorboard_with_the_loss_the_log_prints(tmp_path):
+    """Per-step scalars go to TensorBoard's writer in batches: more steps than one batch, each with its value."""
+    result = run_train("-c", "config.json", "--run-id", "steps", f"trainer.save_dir={tmp_path}", "trainer.epochs=2",
+                       "trainer.log_step=1", "trainer.verbosity=2")
+    assert_ok(result)
+    # not a terminal: no bar, so a line per logged step
+    printed = [float(v) for v in re.findall(r"^Train epoch \d+ \[\d+/\d+\] loss: (\S+)$", result.stdout, re.M)]
+    logged = accumulator(Run(tmp_path, "steps")).Scalars("loss/train_step")
+    assert len(printed) > 60  # beyond one batch of the writer's (50)
+    assert [e.step for e in logged] == list(range(1, len(printed) + 1))
+    # printed with 6 decimals, stored as float32
+    assert [e.value for e in logged] == pytest.approx(printed, abs=1e-6)
+
+
+def test_in_a_terminal_the_bar_shows_the_loss_instead_of_a_line_per_step(tmp_path):
+    import fcntl
+    import os
+    import pty
+    import struct
+    import termios
+    main, child = pty.openpty()
+    fcntl.ioctl(child, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))
+    proc = subprocess.Popen([sys.executable, "train.py", "-c", "config.json", f"trainer.save_dir={tmp_path}",
+                             "trainer.epochs=1", "trainer.log_step=1", "trainer.verbosity=2",
+                             "trainer.tensorboard=false"], stdout=child, stderr=child, env=THREADS_ENV)
+    os.close(child)
+    output = b""
+    while True:
+        try:
+            chunk = os.read(main, 65536)
+        except OSError:  # EIO: the process closed the terminal
+            break
+        if not chunk:
+            break
+        output += chunk
+    os.close(main)
+    assert proc.wait(timeout=300) == 0, output.decode(errors="replace")[-2000:]
+    text = output.decode(errors="replace")
+    assert re.search(r"Epoch 1 train .* loss=\d+\.\d{4}", text)  # the bar, with the running loss
+    assert "Train epoch" not in text
+    assert "val_accuracy" in text  # the epoch's summary lines still print
