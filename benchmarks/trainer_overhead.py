@@ -35,9 +35,10 @@ What counts as "like with like":
     split, read on the host once). Same torch.set_num_threads. The script checks the outcome:
     both sides must end with bit-identical weights (printed as "weights identical").
   * Trainer overhead is everything else the Trainer does by default: loss/metric sums on every
-    training batch, tqdm bars, per-log_step debug lines and TensorBoard scalars, the per-epoch
-    image grid, metrics.csv, info.log and the checkpoints its config asks for. The raw loop does
-    none of that (a hand-written loop does not have to).
+    training batch, tqdm bars (the running loss on them every log_step steps: with a bar there is no
+    per-step debug line), per-log_step TensorBoard scalars, the per-epoch image grid, metrics.csv,
+    info.log and the checkpoints its config asks for. The raw loop does none of that (a hand-written
+    loop does not have to).
   * Both sides run the plain step: the config's trainer.amp, accumulate_steps, clip_grad_norm and
     compile must be at their defaults (the script stops otherwise). trainer.early_stop is set to 0 so
     both sides run every epoch; the monitor (and the model_best.pth it writes) stays on.
@@ -51,6 +52,9 @@ What counts as "like with like":
     --show-output to send it to the real console instead.
 
 --profile additionally runs the Trainer once per workload under cProfile and prints the top functions.
+--breakdown additionally runs the Trainer once per workload with a clock around each part of its epoch (the
+training pass, validation, the checkpoint, callbacks, the epoch's log lines and its metrics.csv row and
+TensorBoard scalars) and prints milliseconds per epoch, beside the raw loop's whole epoch.
 """
 import argparse
 import contextlib
@@ -313,7 +317,7 @@ def bench(name, args, device, tmp):
     for side in ("raw", "trainer"):  # untimed warm-up: imports, allocator and oneDNN caches
         run(side, "warmup", len_epoch=WARMUP_STEPS, n_epochs=1)
 
-    raw_rates, trainer_rates, ratios = [], [], []
+    raw_rates, trainer_rates, ratios, raw_seconds = [], [], [], []
     for i in range(args.runs):
         sides = ("raw", "trainer") if i % 2 == 0 else ("trainer", "raw")
         result = {side: run(side, i) for side in sides}
@@ -322,6 +326,7 @@ def bench(name, args, device, tmp):
             raise RuntimeError(f"{name}: raw loop took {raw_steps} steps, the Trainer {tr_steps}")
         n_samples = epochs * len(train_loader.dataset)  # full passes (no drop_last)
         raw_rates.append(n_samples / raw_s)
+        raw_seconds.append(raw_s)
         trainer_rates.append(n_samples / tr_s)
         ratios.append(trainer_rates[-1] / raw_rates[-1])
         raw_step_us = raw_s / raw_steps * 1e6
@@ -332,6 +337,8 @@ def bench(name, args, device, tmp):
     print(f"EMA update (callbacks/ema.py): {ema_step_cost(raw, device):.0f} us per optimizer step, against "
           f"{raw_step_us:.0f} us per step of the raw loop (its last run, validation and saves included)", flush=True)
 
+    if args.breakdown:
+        breakdown(lambda: run("trainer", "breakdown"), epochs, statistics.median(raw_seconds) / epochs)
     if args.profile:
         profiler = cProfile.Profile()
         run("trainer", "profile", profiler=profiler)
@@ -344,6 +351,43 @@ def bench(name, args, device, tmp):
         shutil.rmtree(tmp / name, ignore_errors=True)
     return (statistics.median(raw_rates), statistics.median(trainer_rates), statistics.median(ratios),
             min(ratios), max(ratios), max(trainer_rates) / max(raw_rates))
+
+
+def breakdown(run_trainer, epochs, raw_epoch_s):
+    """One Trainer run with a clock around each part of an epoch: milliseconds per epoch of each. A part called
+    inside another (on_step_end in the training pass, the "Saved" line in the checkpoint) counts in the outer one."""
+    import logging as logging_module
+    from base.base_trainer import BaseTrainer
+    from logger.visualization import RunOutputs
+    parts = {"training pass (train_epoch)": (BaseTrainer, "train_epoch"), "validation": (BaseTrainer, "evaluate"),
+             "checkpoint (weights check, save)": (BaseTrainer, "_save_checkpoint"),
+             "callbacks at the epoch's end": (BaseTrainer, "callback"), "log lines": (logging_module.Logger, "info"),
+             "metrics.csv row, TensorBoard scalars": (RunOutputs, "write_epoch")}
+    seconds, saved, inside = dict.fromkeys(parts, 0.0), {name: getattr(*where) for name, where in parts.items()}, []
+
+    def clocked(name, fn):
+        def timed(*a, **kw):
+            if inside:
+                return fn(*a, **kw)
+            inside.append(name)
+            start = time.perf_counter()
+            try:
+                return fn(*a, **kw)
+            finally:
+                seconds[name] += time.perf_counter() - start
+                inside.pop()
+        return timed
+    for name, (owner, attr) in parts.items():
+        setattr(owner, attr, clocked(name, saved[name]))
+    try:
+        total = run_trainer()[2]
+    finally:
+        for name, (owner, attr) in parts.items():
+            setattr(owner, attr, saved[name])
+    print(f"\nTrainer run, milliseconds per epoch: whole epoch {total / epochs * 1e3:.1f} (raw loop: median "
+          f"{raw_epoch_s * 1e3:.1f})")
+    for name, value in [*seconds.items(), ("the rest", total - sum(seconds.values()))]:
+        print(f"  {name:40s} {value / epochs * 1e3:8.2f}")
 
 
 IMPORT_PROBE = """
@@ -392,6 +436,7 @@ def parse_args(argv=None):
                    help="torch.set_num_threads for both sides (default: torch's default here)")
     p.add_argument("--show-output", action="store_true", help="let the Trainer's logs and bars reach the console")
     p.add_argument("--profile", action="store_true", help="also cProfile one Trainer run per workload")
+    p.add_argument("--breakdown", action="store_true", help="also time the parts of a Trainer epoch")
     p.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE",
                    help="an override for both sides' config, e.g. callbacks=[...] to time callbacks (repeatable)")
     p.add_argument("--bare", action="store_true",
