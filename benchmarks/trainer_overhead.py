@@ -188,6 +188,15 @@ def build(config, device):
     return model, criterion, metrics, functions, optimizer, scheduler
 
 
+RAW_CLOCK = {}  # seconds of the raw loop's parts, over its timed runs (for --breakdown)
+
+
+def tick(part, since):
+    now = time.perf_counter()
+    RAW_CLOCK[part] = RAW_CLOCK.get(part, 0.0) + now - since
+    return now
+
+
 def raw_fit(config, device, train_loader, valid_loader, save_dir=None):
     """The loop a user writes by hand. Returns (model, optimizer steps taken, seconds).
 
@@ -209,6 +218,7 @@ def raw_fit(config, device, train_loader, valid_loader, save_dir=None):
     steps = 0
     start = time.perf_counter()
     for epoch in range(1, t["epochs"] + 1):
+        clock = time.perf_counter()
         model.train()
         train_loader.set_epoch(epoch - 1)
         train_sums, n_train = torch.zeros(1 + len(metrics), device=device), 0
@@ -226,6 +236,7 @@ def raw_fit(config, device, train_loader, valid_loader, save_dir=None):
                 train_sums += torch.stack([loss.detach(), *(m(output, target) for m in metrics)]) * len(target)
                 n_train += len(target)
         log = dict(zip(["loss", *names], (train_sums / max(n_train, 1)).tolist()))
+        clock = tick("training pass", clock)
         if valid_loader is not None:
             model.eval()
             sums, n = torch.zeros(1 + len(metrics), device=device), 0
@@ -237,6 +248,7 @@ def raw_fit(config, device, train_loader, valid_loader, save_dir=None):
                     sums += values * len(target)
                     n += len(target)
             log.update(zip(["val_loss", *("val_" + m for m in names)], (sums / n).tolist()))
+        clock = tick("validation", clock)
         if scheduler is not None and not per_step:
             if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
                 scheduler.step(log[monitored])
@@ -249,6 +261,7 @@ def raw_fit(config, device, train_loader, valid_loader, save_dir=None):
             if mode != "off" and (log[monitored] < best if mode == "min" else log[monitored] > best):
                 best = log[monitored]
                 torch.save(state, save_dir / "model_best.pth")
+        tick("checkpoint", clock)  # with the scheduler's step
     if device.type == "cuda":
         torch.cuda.synchronize()  # the Trainer ends on a host sync too (its epoch averages)
     return model, steps, time.perf_counter() - start
@@ -316,29 +329,31 @@ def bench(name, args, device, tmp):
 
     for side in ("raw", "trainer"):  # untimed warm-up: imports, allocator and oneDNN caches
         run(side, "warmup", len_epoch=WARMUP_STEPS, n_epochs=1)
+    RAW_CLOCK.clear()
 
-    raw_rates, trainer_rates, ratios, raw_seconds = [], [], [], []
-    for i in range(args.runs):
-        sides = ("raw", "trainer") if i % 2 == 0 else ("trainer", "raw")
-        result = {side: run(side, i) for side in sides}
-        (raw_model, raw_steps, raw_s), (tr_model, tr_steps, tr_s) = result["raw"], result["trainer"]
-        if raw_steps != tr_steps:
-            raise RuntimeError(f"{name}: raw loop took {raw_steps} steps, the Trainer {tr_steps}")
-        n_samples = epochs * len(train_loader.dataset)  # full passes (no drop_last)
-        raw_rates.append(n_samples / raw_s)
-        raw_seconds.append(raw_s)
-        trainer_rates.append(n_samples / tr_s)
-        ratios.append(trainer_rates[-1] / raw_rates[-1])
-        raw_step_us = raw_s / raw_steps * 1e6
-        print(f"run {i + 1} ({sides[0]} first): raw {raw_s:7.2f} s {raw_rates[-1]:7.0f}/s | trainer {tr_s:7.2f} s "
-              f"{trainer_rates[-1]:7.0f}/s | ratio {ratios[-1]:.3f} | weights identical: "
-              f"{'yes' if same_weights(raw_model, tr_model) else 'NO'} | load avg {load_average()}", flush=True)
-        shutil.rmtree(tmp / name, ignore_errors=True)
+    raw_rates, trainer_rates, ratios, trainer_parts = [], [], [], {}
+    n_samples = epochs * len(train_loader.dataset)  # full passes (no drop_last)
+    with trainer_clocks(trainer_parts) if args.breakdown else contextlib.nullcontext():
+        for i in range(args.runs):
+            sides = ("raw", "trainer") if i % 2 == 0 else ("trainer", "raw")
+            result = {side: run(side, i) for side in sides}
+            (raw_model, raw_steps, raw_s), (tr_model, tr_steps, tr_s) = result["raw"], result["trainer"]
+            if raw_steps != tr_steps:
+                raise RuntimeError(f"{name}: raw loop took {raw_steps} steps, the Trainer {tr_steps}")
+            raw_rates.append(n_samples / raw_s)
+            trainer_rates.append(n_samples / tr_s)
+            ratios.append(trainer_rates[-1] / raw_rates[-1])
+            raw_step_us = raw_s / raw_steps * 1e6
+            print(f"run {i + 1} ({sides[0]} first): raw {raw_s:7.2f} s {raw_rates[-1]:7.0f}/s | trainer {tr_s:7.2f} s "
+                  f"{trainer_rates[-1]:7.0f}/s | ratio {ratios[-1]:.3f} | weights identical: "
+                  f"{'yes' if same_weights(raw_model, tr_model) else 'NO'} | load avg {load_average()}", flush=True)
+            shutil.rmtree(tmp / name, ignore_errors=True)
     print(f"EMA update (callbacks/ema.py): {ema_step_cost(raw, device):.0f} us per optimizer step, against "
           f"{raw_step_us:.0f} us per step of the raw loop (its last run, validation and saves included)", flush=True)
 
     if args.breakdown:
-        breakdown(lambda: run("trainer", "breakdown"), epochs, statistics.median(raw_seconds) / epochs)
+        print_breakdown(trainer_parts, sum(n_samples / r for r in trainer_rates), RAW_CLOCK,
+                        sum(n_samples / r for r in raw_rates), args.runs * epochs)
     if args.profile:
         profiler = cProfile.Profile()
         run("trainer", "profile", profiler=profiler)
@@ -353,17 +368,18 @@ def bench(name, args, device, tmp):
             min(ratios), max(ratios), max(trainer_rates) / max(raw_rates))
 
 
-def breakdown(run_trainer, epochs, raw_epoch_s):
-    """One Trainer run with a clock around each part of an epoch: milliseconds per epoch of each. A part called
+@contextlib.contextmanager
+def trainer_clocks(seconds: dict):
+    """While active, a clock around each part of a Trainer epoch adds its seconds to `seconds`. A part called
     inside another (on_step_end in the training pass, the "Saved" line in the checkpoint) counts in the outer one."""
     import logging as logging_module
     from base.base_trainer import BaseTrainer
     from logger.visualization import RunOutputs
-    parts = {"training pass (train_epoch)": (BaseTrainer, "train_epoch"), "validation": (BaseTrainer, "evaluate"),
-             "checkpoint (weights check, save)": (BaseTrainer, "_save_checkpoint"),
+    parts = {"training pass": (BaseTrainer, "train_epoch"), "validation": (BaseTrainer, "evaluate"),
+             "checkpoint": (BaseTrainer, "_save_checkpoint"),
              "callbacks at the epoch's end": (BaseTrainer, "callback"), "log lines": (logging_module.Logger, "info"),
              "metrics.csv row, TensorBoard scalars": (RunOutputs, "write_epoch")}
-    seconds, saved, inside = dict.fromkeys(parts, 0.0), {name: getattr(*where) for name, where in parts.items()}, []
+    saved, inside = {name: getattr(*where) for name, where in parts.items()}, []
 
     def clocked(name, fn):
         def timed(*a, **kw):
@@ -374,20 +390,30 @@ def breakdown(run_trainer, epochs, raw_epoch_s):
             try:
                 return fn(*a, **kw)
             finally:
-                seconds[name] += time.perf_counter() - start
+                seconds[name] = seconds.get(name, 0.0) + time.perf_counter() - start
                 inside.pop()
         return timed
     for name, (owner, attr) in parts.items():
         setattr(owner, attr, clocked(name, saved[name]))
     try:
-        total = run_trainer()[2]
+        yield
     finally:
         for name, (owner, attr) in parts.items():
             setattr(owner, attr, saved[name])
-    print(f"\nTrainer run, milliseconds per epoch: whole epoch {total / epochs * 1e3:.1f} (raw loop: median "
-          f"{raw_epoch_s * 1e3:.1f})")
-    for name, value in [*seconds.items(), ("the rest", total - sum(seconds.values()))]:
-        print(f"  {name:40s} {value / epochs * 1e3:8.2f}")
+
+
+def print_breakdown(trainer_parts, trainer_total, raw_parts, raw_total, epochs):
+    """Milliseconds per epoch of each part, both sides (seconds summed over the timed runs)."""
+    print(f"\nmilliseconds per epoch, mean of the timed runs: {'':8s}   Trainer    raw loop")
+    order = ["training pass", "validation", "checkpoint", "callbacks at the epoch's end", "log lines",
+             "metrics.csv row, TensorBoard scalars"]
+    rows = [*(name for name in order if name in trainer_parts), "the rest", "whole epoch"]
+    trainer_parts = {**trainer_parts, "the rest": trainer_total - sum(trainer_parts.values()),
+                     "whole epoch": trainer_total}
+    raw_parts = {**raw_parts, "the rest": raw_total - sum(raw_parts.values()), "whole epoch": raw_total}
+    for name in rows:
+        raw = f"{raw_parts[name] / epochs * 1e3:10.2f}" if name in raw_parts else f"{'-':>10s}"
+        print(f"  {name:45s} {trainer_parts[name] / epochs * 1e3:10.2f}  {raw}")
 
 
 IMPORT_PROBE = """
