@@ -9,7 +9,7 @@ from pathlib import Path
 
 from utils.util import atomic_write_text
 
-STEP_BATCH, STEP_SECONDS = 50, 30  # per-step scalars go to TensorBoard's writer 50 at a time, or after 30 s
+STEP_BATCH, STEP_SECONDS = 10, 30  # per-step scalars go to TensorBoard's writer 10 at a time (its queue's size)
 
 
 class MetricsCSV:
@@ -72,12 +72,11 @@ class RunOutputs:
             from torch.utils.tensorboard import SummaryWriter  # slow to import: only when enabled
             if getattr(threading.excepthook, "func", None) is not _quiet_writer_thread:  # wrap the hook in place once
                 threading.excepthook = functools.partial(_quiet_writer_thread, threading.excepthook)
-            self.writer = SummaryWriter(str(log_dir), purge_step=resumed_at[1] + 1 if events else None,
-                                        max_queue=2 * STEP_BATCH)  # a batch fits: add_scalar does not block
+            self.writer = SummaryWriter(str(log_dir), purge_step=resumed_at[1] + 1 if events else None)
 
     def add_step_scalar(self, tag, value, step):
         """A scalar logged every few steps. Handing one to TensorBoard's writer thread wakes it, which costs about
-        0.1 ms on the training thread; in batches it costs a fifth of that. The writer itself writes its file
+        0.1 ms on the training thread; in batches it costs a quarter of that. The writer itself writes its file
         only every 2 minutes, so a batch held for at most STEP_SECONDS delays little."""
         if self.writer is not None:
             self.steps.append((tag, value, step))
