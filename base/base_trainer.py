@@ -220,7 +220,7 @@ class BaseTrainer:
         if log_now:  # note: a host-device sync point, so only every log_step steps
             mean = self.metrics.metrics["loss"]  # a BatchMean: its total on the device (None: only padding so far)
             total = torch.zeros((), device=self.device) if mean.total is None else mean.total
-            # one small tensor read once (separate reads cost ~40 us a logging step); all processes' sums
+            # one small tensor, read once (separate small reads cost ~10x as much); all processes' sums
             values = dist.all_reduce(torch.stack([loss.detach().float(), total, total.new_tensor(mean.count)]))
             step_loss, total, count = values.tolist()  # the loss of this step's global batch, the epoch's so far
             step_loss, running = step_loss / dist.world_size(), total / count
@@ -229,7 +229,7 @@ class BaseTrainer:
                                     f"(checked every trainer.log_step={self.cfg['log_step']} steps); no checkpoint "
                                     "of these weights was written")
             bar.set_postfix_str(f"loss={running:.4f}", refresh=False)
-            if bar.disable:  # no bar shows the loss (not a terminal, or not rank 0): a line does; ~0.1 ms
+            if bar.disable:  # no bar shows the loss (not a terminal, or not rank 0): a line does (~0.15 ms)
                 self.logger.debug("Train epoch %d [%d/%d] loss: %.6f", epoch, self.batches_done, n_batches, step_loss)
             if self.outputs is not None:
                 self.outputs.add_step_scalar("loss/train_step", step_loss, self.global_step)
